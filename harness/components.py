@@ -1,0 +1,32 @@
+"""The base class of a component: a named, parameterised implementation of one hook."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from harness.contracts import COMPONENT_KINDS
+
+
+class Component:
+    """Subclass it, set ``kind``, ``name`` and ``defaults``, and implement the kind's hook
+    (decorated with ``harness.hookspecs.hookimpl``). ``defaults`` lists every parameter the
+    component accepts: the core rejects any other name, so typos never pass silently.
+    """
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None and kind not in COMPONENT_KINDS:
+            raise TypeError(f"{cls.__name__}.kind={kind!r}; must be one of {COMPONENT_KINDS}")
+
+    @property
+    def summary(self) -> str:
+        """The first line of the class docstring, shown by ``prunebench list``."""
+        return (type(self).__doc__ or "").strip().splitlines()[0] if type(self).__doc__ else ""
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} component {self.name!r}>"

@@ -1,0 +1,206 @@
+"""What a hook sees: the run (model, calibration, caches) and, in the layer loop, one layer.
+
+``LayerContext.collect`` is how components get statistics: it runs the layer's
+calibration inputs (the outputs of the already-compressed layers before it) through the
+layer with forward hooks and returns streamed moments per site. Results are cached until
+the layer changes, so the attention and FFN components of one recipe share a pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from harness.contracts import Allocation, AttentionPlan, Importance, MLPPlan, ModelShape
+from harness.params import model_shape
+from harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
+from harness.stats import SITES, Moments
+from harness.surgery import build_attention, build_mlp
+
+
+@dataclass
+class RunContext:
+    """The run as hooks see it. ``cache_parts`` identify everything that determines a
+    method-independent result (model fingerprint, data spec, seed, sequence length), so a
+    plugin's cache key built from them is shared across methods and sparsities."""
+
+    model: PrunedForCausalLM
+    calibration: torch.Tensor  # [N, L] token ids
+    batch_size: int
+    device: torch.device
+    seed: int
+    target: float
+    cache_parts: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[str, int], Any] | None = None
+    use_cache: bool = True
+
+    def shape(self) -> ModelShape:
+        return model_shape(self.model)
+
+    def batches(self) -> Iterable[torch.Tensor]:
+        """Calibration token ids in batches, on the run's device."""
+        for start in range(0, self.calibration.shape[0], self.batch_size):
+            yield self.calibration[start : start + self.batch_size].to(self.device)
+
+
+def position_ids(seqlen: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(seqlen, device=device)[None]
+
+
+@torch.no_grad()
+def embed(model: PrunedForCausalLM, ids: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Inputs of the first decoder layer for every calibration sequence, [N, L, d]."""
+    out = [model.model.embed_tokens(ids[s : s + batch_size].to(device)) for s in range(0, ids.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, model: PrunedForCausalLM, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """One decoder layer over all calibration inputs (batched, causal, no padding)."""
+    freqs = model.model.rotary_freqs(position_ids(hidden.shape[1], hidden.device))
+    out = torch.empty_like(hidden)
+    for s in range(0, hidden.shape[0], batch_size):
+        out[s : s + batch_size] = layer(hidden[s : s + batch_size], freqs)
+    return out
+
+
+def _site_hooks(layer: PrunedDecoderLayer) -> dict[str, tuple[nn.Module, str, Callable]]:
+    """site -> (module, 'pre' | 'post', how to pick the tensor from the hook's arguments)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    first_arg = lambda args, out: args[0]  # noqa: E731
+    output = lambda args, out: out  # noqa: E731
+    return {
+        "layer_in": (layer, "pre", first_arg),
+        "attn_in": (attn, "pre", first_arg),
+        "q_out": (attn.q_proj, "post", output),
+        "k_out": (attn.k_proj, "post", output),
+        "v_out": (attn.v_proj, "post", output),
+        "o_in": (attn.o_proj, "pre", first_arg),
+        "attn_out": (attn, "post", output),
+        "mid": (layer.post_attention_layernorm, "pre", first_arg),
+        "mlp_in": (mlp, "pre", first_arg),
+        "down_in": (mlp.down_proj, "pre", first_arg),
+        "mlp_out": (mlp, "post", output),
+        "layer_out": (layer, "post", output),
+    }
+
+
+def _normalise(sites: Mapping[str, bool] | Iterable[str]) -> dict[str, bool]:
+    wanted = dict(sites) if isinstance(sites, Mapping) else {s: False for s in sites}
+    unknown = set(wanted) - set(SITES)
+    if unknown:
+        raise ValueError(f"unknown statistics site(s) {sorted(unknown)}; valid: {', '.join(SITES)}")
+    return wanted
+
+
+class LayerContext:
+    """One layer of the layer loop, with its calibration inputs and the global-stage results."""
+
+    def __init__(
+        self,
+        run: RunContext,
+        index: int,
+        inputs: torch.Tensor,
+        importance: Importance | None,
+        allocation: Allocation,
+    ) -> None:
+        self.run = run
+        self.index = index
+        self.inputs = inputs
+        self.importance = importance
+        self.allocation = allocation
+        self._cache: dict[str, Moments] = {}
+        self._version = -1
+
+    @property
+    def model(self) -> PrunedForCausalLM:
+        return self.run.model
+
+    @property
+    def layer(self) -> PrunedDecoderLayer:
+        return self.model.model.layers[self.index]
+
+    def _state(self) -> int:
+        # Surgery replaces modules, so module identity tells whether cached stats are stale.
+        return hash((id(self.layer.self_attn), id(self.layer.mlp)))
+
+    def trial_layer(self, attention: AttentionPlan | None = None, mlp: MLPPlan | None = None) -> PrunedDecoderLayer:
+        """A copy of the layer with plans installed, for components that must see the
+        effect of a partial plan (e.g. v/o statistics after q/k pairs are cut)."""
+        layer = copy.deepcopy(self.layer)
+        if attention is not None:
+            layer.self_attn = build_attention(self.model, self.index, attention)[0]
+        if mlp is not None:
+            layer.mlp = build_mlp(self.model, self.index, mlp)[0]
+        return layer
+
+    @torch.no_grad()
+    def _run_with_hooks(self, layer: PrunedDecoderLayer, sites: Iterable[str], sink: Callable[[str, torch.Tensor], None]) -> None:
+        table = _site_hooks(layer)
+        handles = []
+        for site in sites:
+            module, when, pick = table[site]
+            if when == "pre":
+                handles.append(module.register_forward_pre_hook(lambda m, a, s=site, p=pick: sink(s, p(a, None))))
+            else:
+                handles.append(module.register_forward_hook(lambda m, a, o, s=site, p=pick: sink(s, p(a, o))))
+        try:
+            run_layer(layer, self.model, self.inputs, self.run.batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def collect(
+        self,
+        sites: Mapping[str, bool] | Iterable[str],
+        attention: AttentionPlan | None = None,
+        mlp: MLPPlan | None = None,
+    ) -> dict[str, Moments]:
+        """Moments of the requested sites (``{site: want_gram}``) over the calibration inputs.
+
+        With ``attention``/``mlp`` plans, the statistics are taken on a trial copy of the
+        layer with those plans installed (nothing is cached then).
+        """
+        wanted = _normalise(sites)
+        trial = attention is not None or mlp is not None
+        if not trial and self._version != self._state():
+            self._cache, self._version = {}, self._state()
+        cache = {} if trial else self._cache
+        missing = {s: g for s, g in wanted.items() if s not in cache or (g and cache[s].gram is None)}
+        if missing:
+            fresh: dict[str, Moments] = {}
+
+            def sink(site: str, x: torch.Tensor) -> None:
+                if site not in fresh:
+                    fresh[site] = Moments.empty(x.shape[-1], missing[site], x.device)
+                fresh[site].update(x)
+
+            layer = self.trial_layer(attention, mlp) if trial else self.layer
+            self._run_with_hooks(layer, missing, sink)
+            for site in missing:
+                cache[site] = fresh.get(site) or Moments.empty(0, missing[site])
+        return {s: cache[s] for s in wanted}
+
+    def capture(self, site: str, max_tokens: int | None = None, layer: nn.Module | None = None) -> torch.Tensor:
+        """Raw activations of one site, [tokens, dim] in float32, for methods that fit on
+        samples (iterative PCA, linear calibration). Takes the first ``max_tokens`` tokens
+        of every sequence in proportion, so memory stays bounded."""
+        _normalise([site])
+        chunks: list[torch.Tensor] = []
+        per_seq = None if max_tokens is None else max(1, max_tokens // self.inputs.shape[0])
+
+        def sink(_: str, x: torch.Tensor) -> None:
+            x = x if per_seq is None else x[:, :per_seq]
+            chunks.append(x.reshape(-1, x.shape[-1]).to(torch.float32))
+
+        self._run_with_hooks(layer if layer is not None else self.layer, [site], sink)
+        return torch.cat(chunks)
+
+    def outputs(self) -> torch.Tensor:
+        """The layer's outputs for all calibration inputs (the next layer's inputs)."""
+        return run_layer(self.layer, self.model, self.inputs, self.run.batch_size)

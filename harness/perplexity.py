@@ -1,0 +1,144 @@
+"""Perplexity over fixed token windows: exp(total NLL / total predicted tokens).
+
+The protocol (DESIGN.md) fixes one definition for every method: non-overlapping windows,
+each predicting its tokens 2..L from the ones before it, the NLL summed over all windows
+before dividing (not a mean of per-window perplexities). A non-finite loss is an error,
+never skipped: skipping it would hide exactly the broken models a benchmark must catch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harness.errors import NumericalError
+
+# Log-softmax over a 49k vocabulary makes a float32 copy of the logits; doing it a few
+# rows at a time keeps that copy at about this many elements (~64 MB).
+LOG_SOFTMAX_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity and the totals behind it, so results can be merged or re-derived."""
+
+    ppl: float
+    nll_sum: float
+    tokens: int
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are; inputs go there unless the caller says otherwise."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _model_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """Turn off the KV cache for HF models (useless here, and it costs memory); any other
+    model is called with ``input_ids`` only."""
+    config = getattr(model, "config", None)
+    return {"use_cache": False} if config is not None and hasattr(config, "use_cache") else {}
+
+
+def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed NLL (float64 scalar) of tokens 2..L given logits [b, L, V] for input_ids [b, L].
+
+    The log-softmax runs in float32 over chunks of positions so that no full float32 copy
+    of the logits is made; each chunk's sum is accumulated in float64.
+    """
+    batch, length, vocab = logits.shape
+    predicted = logits[:, :-1, :]
+    targets = input_ids[:, 1:].to(logits.device)
+    step = max(1, LOG_SOFTMAX_CHUNK_ELEMENTS // max(1, batch * vocab))
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for start in range(0, length - 1, step):
+        chunk = predicted[:, start : start + step, :].float()
+        target = targets[:, start : start + step]
+        log_norm = torch.logsumexp(chunk, dim=-1)
+        target_logit = chunk.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        total += (log_norm - target_logit).double().sum()
+    return total
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate without dropout, then give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _progress_bar(enabled: bool, total: int) -> Any:
+    """A rich progress bar on stderr (stdout stays clean for results), or nothing."""
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    progress.add_task("perplexity (windows)", total=total)
+    return progress
+
+
+def _check_windows(windows: torch.Tensor, batch_size: int) -> None:
+    """Refuse inputs that would give a meaningless number rather than an error later."""
+    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [k >= 1, seqlen >= 2] token ids, got shape {tuple(windows.shape)}")
+    if windows.dtype != torch.long:
+        raise ValueError(f"windows must be torch.long token ids, got {windows.dtype}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` over ``windows`` [k, L] (e.g. from ``evaluation_windows``).
+
+    Works with any module whose ``model(input_ids=...)`` returns an object with
+    ``.logits`` [b, L, V]. Raises ``NumericalError`` on the first batch whose loss is not
+    finite, naming the windows.
+    """
+    _check_windows(windows, batch_size)
+    target_device = torch.device(device) if device is not None else _model_device(model)
+    kwargs = _model_kwargs(model)
+    total = torch.zeros((), dtype=torch.float64)
+    count, seqlen = windows.shape
+    with _eval_mode(model), torch.inference_mode(), _progress_bar(progress, count) as bar:
+        for start in range(0, count, batch_size):
+            batch = windows[start : start + batch_size].to(target_device)
+            logits = model(input_ids=batch, **kwargs).logits
+            if logits.shape[:2] != batch.shape:
+                raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(batch.shape)}")
+            nll = sequence_nll(logits, batch).cpu()
+            if not torch.isfinite(nll):
+                end = start + batch.shape[0] - 1
+                raise NumericalError(f"non-finite loss ({nll.item()}) in evaluation windows {start}..{end}")
+            total += nll
+            if bar is not None:
+                bar.advance(bar.task_ids[0], batch.shape[0])
+    tokens = count * (seqlen - 1)
+    nll_sum = total.item()
+    mean = nll_sum / tokens
+    ppl = math.exp(mean) if mean < math.log(torch.finfo(torch.float64).max) else math.inf
+    return PerplexityResult(ppl=ppl, nll_sum=nll_sum, tokens=tokens)

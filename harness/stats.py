@@ -1,0 +1,107 @@
+"""Streaming activation statistics: never store whole activations, accumulate moments.
+
+Per batch the products are formed in float32 (fast on CPU/GPU) and added to float64
+accumulators, so summing many batches loses no precision; decompositions downstream run
+in float64 on these accumulators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SITES = (
+    "layer_in",  # decoder layer input (residual stream)
+    "attn_in",  # normed input of the attention (input of q/k/v)
+    "q_out",  # q_proj output, before RoPE (per head: [pair firsts | pair seconds | pass])
+    "k_out",  # k_proj output, before RoPE
+    "v_out",  # v_proj output
+    "o_in",  # o_proj input: the concatenated head outputs
+    "attn_out",  # o_proj output
+    "mid",  # residual stream after attention (input of the post-attention norm)
+    "mlp_in",  # normed input of the MLP (input of gate/up)
+    "down_in",  # down_proj input: the intermediate activations
+    "mlp_out",  # MLP output
+    "layer_out",  # decoder layer output
+)
+"""Where statistics can be taken, named on the canonical layer (any architecture)."""
+
+
+@dataclass
+class Moments:
+    """Count, sum, sum of squares and (optionally) the Gram matrix X^T X of one site."""
+
+    count: int
+    sum: torch.Tensor
+    sq_sum: torch.Tensor
+    gram: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, dim: int, gram: bool, device: torch.device | str = "cpu") -> Moments:
+        z = torch.zeros(dim, dtype=torch.float64, device=device)
+        return cls(0, z.clone(), z.clone(), torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        self.count += x.shape[0]
+        self.sum += x.sum(0).to(torch.float64)
+        self.sq_sum += x.pow(2).sum(0).to(torch.float64)
+        if self.gram is not None:
+            self.gram += (x.T @ x).to(torch.float64)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[x_j^2] per channel (Wanda's ||x_j||^2 / n)."""
+        return self.sq_sum / max(self.count, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased per-channel variance over all tokens (FLAP's fluctuation)."""
+        n = self.count
+        if n < 2:
+            return torch.zeros_like(self.sum)
+        return ((self.sq_sum - self.sum.pow(2) / n) / (n - 1)).clamp_min(0.0)
+
+    def covariance(self, centered: bool = False) -> torch.Tensor:
+        """X^T X / n (uncentred, as SliceGPT and IntraSlice use) or the centred covariance."""
+        if self.gram is None:
+            raise ValueError("Gram matrix was not collected for this site (request gram=True)")
+        n = max(self.count, 1)
+        cov = self.gram / n
+        if centered:
+            m = self.mean
+            cov = cov - torch.outer(m, m)
+        return cov
+
+
+def damped(matrix: torch.Tensor, relative: float) -> torch.Tensor:
+    """matrix + relative * mean(diag) * I: the damping every decomposition here uses."""
+    diag_mean = matrix.diagonal().mean().clamp_min(torch.finfo(matrix.dtype).tiny)
+    return matrix + relative * diag_mean * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+
+
+def solve_psd(a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
+    """Solve (A + damping) X = B for symmetric PSD A in float64, with a fallback.
+
+    Cholesky first; if A is still singular after damping (e.g. dead channels), the
+    damping grows tenfold up to three times, then a least-squares solve is used.
+    """
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    lam = damping
+    for _ in range(4):
+        chol, info = torch.linalg.cholesky_ex(damped(a64, lam))
+        if int(info) == 0:
+            return torch.cholesky_solve(b64, chol)
+        lam = max(lam * 10, 1e-6)
+    return torch.linalg.lstsq(damped(a64, lam), b64).solution
+
+
+def eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns) of a symmetric matrix, in float64."""
+    vals, vecs = torch.linalg.eigh(matrix.to(torch.float64))
+    return vals.flip(0), vecs.flip(1)
