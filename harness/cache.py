@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "cache_root",
+    "default_permissions",
     "read_json",
     "stable_key",
     "torch_cache_get",
@@ -54,6 +55,21 @@ _DEFAULT_ROOT = "~/.cache/prunebench"
 # A kind or key becomes one path component: it must not be able to climb out of the root
 # or hide as a dot-file (temporary files start with a dot).
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,199}$")
+
+
+# Read once: os.umask can only be read by setting it, which is not thread-safe later on.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def default_permissions(directory: bool = False) -> int:
+    """The mode a plain ``open``/``mkdir`` would give, i.e. 0o666/0o777 minus the umask.
+
+    ``tempfile`` creates private (0o600/0o700) files and directories; once renamed into
+    place they are cache entries that other users of a shared cache must be able to
+    read, so writers reset them to what an ordinary write would have produced.
+    """
+    return (0o777 if directory else 0o666) & ~_UMASK
 
 
 def cache_root() -> Path:
@@ -80,7 +96,8 @@ def _canonical(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {"__dataclass__": type(obj).__qualname__, **dataclasses.asdict(obj)}
     if isinstance(obj, (set, frozenset)):
-        return sorted((_canonical(v) for v in obj), key=lambda v: json.dumps(v, sort_keys=True))
+        # Order by each element's own canonical encoding; json encodes the elements.
+        return sorted(obj, key=lambda v: json.dumps(v, sort_keys=True, default=_canonical))
     if isinstance(obj, bytes):
         return {"__bytes__": obj.hex()}
     if isinstance(obj, torch.dtype):
@@ -131,6 +148,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
+        os.chmod(tmp, default_permissions())
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -243,7 +243,8 @@ def _hub_reachable() -> bool:
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname or "huggingface.co", port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        host = url.hostname or "huggingface.co"
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
     except OSError:
         return False
     return True

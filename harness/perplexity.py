@@ -129,7 +129,8 @@ def perplexity(
             batch = windows[start : start + batch_size].to(target_device)
             logits = model(input_ids=batch, **kwargs).logits
             if logits.shape[:2] != batch.shape:
-                raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(batch.shape)}")
+                shape, given = tuple(logits.shape), tuple(batch.shape)
+                raise ValueError(f"model returned logits of shape {shape} for input {given}")
             nll = sequence_nll(logits, batch).cpu()
             if not torch.isfinite(nll):
                 end = start + batch.shape[0] - 1

@@ -75,12 +75,21 @@ def test_matches_cross_entropy_reference(model: torch.nn.Module, windows: torch.
     assert 10_000 < result.ppl < 200_000
 
 
+@pytest.fixture(scope="module")
+def baseline(model: torch.nn.Module, windows: torch.Tensor) -> PerplexityResult:
+    return perplexity(model, windows, batch_size=4, progress=False)
+
+
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
 def test_batch_size_and_chunking_do_not_change_the_result(
-    model: torch.nn.Module, windows: torch.Tensor, batch_size: int, monkeypatch: pytest.MonkeyPatch
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    baseline: PerplexityResult,
+    batch_size: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    baseline = perplexity(model, windows, batch_size=4, progress=False)
-    monkeypatch.setattr(perplexity_module, "LOG_SOFTMAX_CHUNK_ELEMENTS", 3 * 49152)  # several chunks per batch
+    # 40 rows of the vocabulary per chunk: every batch size here takes several chunks.
+    monkeypatch.setattr(perplexity_module, "LOG_SOFTMAX_CHUNK_ELEMENTS", 40 * 49152)
     result = perplexity(model, windows, batch_size=batch_size, progress=False)
     assert result.tokens == baseline.tokens
     assert result.nll_sum == pytest.approx(baseline.nll_sum, rel=1e-6)
@@ -94,7 +103,7 @@ def test_uniform_logits_give_the_vocabulary_size() -> None:
             return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 100))
 
     result = perplexity(Uniform(), torch.randint(0, 100, (3, 10)), progress=False)
-    assert result == PerplexityResult(ppl=pytest.approx(100.0, rel=1e-9), nll_sum=pytest.approx(27 * math.log(100)), tokens=27)
+    assert result == PerplexityResult(ppl=pytest.approx(100.0, rel=1e-6), nll_sum=pytest.approx(27 * math.log(100)), tokens=27)
 
 
 def test_eval_mode_is_used_and_training_mode_restored(windows: torch.Tensor) -> None:

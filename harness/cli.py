@@ -1,0 +1,205 @@
+"""``prunebench``: list, run, compare, report.
+
+Bad input exits with status 2 and one line on stderr, before anything is computed or
+written (``UsageError``); other failures exit 1 with the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.errors import PruneBenchError, UsageError
+
+DEFAULT_RESULTS = "runs"
+
+
+def _add_protocol_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="named model, local dir, .gguf file or hub id")
+    p.add_argument("--profile", default="offline", help="ci | offline | paper")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KIND=NAME|KIND.PARAM=VALUE",
+                   help="swap a component or set a parameter (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--calibration", dest="calibration_source", help="calibration data source")
+    p.add_argument("--calibration-samples", type=int)
+    p.add_argument("--calibration-seqlen", type=int)
+    p.add_argument("--eval", dest="eval_sources", help="comma-separated perplexity sources")
+    p.add_argument("--eval-samples", type=int)
+    p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--tasks", help="comma-separated zero-shot tasks ('none' for no zero-shot)")
+    p.add_argument("--limit", dest="task_limit", type=int, help="zero-shot items per task")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-zeroshot", action="store_true")
+    p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="recompute cached dense metrics and statistics")
+    p.add_argument("--results", default=DEFAULT_RESULTS, help="folder for result JSON files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _profile_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    over: dict[str, Any] = {}
+    for key in ("calibration_source", "calibration_samples", "calibration_seqlen", "eval_samples", "eval_seqlen",
+                "task_limit", "batch_size"):
+        if getattr(args, key, None) is not None:
+            over[key] = getattr(args, key)
+    if args.eval_sources:
+        over["eval_sources"] = [s for s in args.eval_sources.split(",") if s]
+    if args.tasks:
+        over["tasks"] = [] if args.tasks == "none" else [t for t in args.tasks.split(",") if t]
+    return over
+
+
+def _spec(args: argparse.Namespace, method: str, sparsity: float):
+    from harness.api import RunSpec
+
+    return RunSpec(
+        model=args.model, method=method, sparsity=sparsity, overrides=list(args.overrides), profile=args.profile,
+        profile_overrides=_profile_overrides(args), seed=args.seed, device=args.device, dtype=args.dtype,
+        zeroshot=not args.no_zeroshot and args.tasks != "none", timing=not args.no_timing,
+        save_dir=getattr(args, "save", None), use_cache=not args.no_cache,
+    )
+
+
+def _parse_sparsities(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--sparsities expects numbers like 0.2,0.3, got {text!r}") from None
+    if not values:
+        raise UsageError("--sparsities is empty")
+    return values
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.adapters import supported_architectures
+    from harness.contracts import COMPONENT_KINDS
+    from harness.data import list_sources
+    from harness.manager import PluginHost
+    from harness.models import list_models
+    from harness.profiles import PROFILES
+
+    host = PluginHost()
+    console = Console()
+    table = Table(title="components")
+    for col in ("kind", "name", "parameters", "what it does"):
+        table.add_column(col)
+    for kind in COMPONENT_KINDS:
+        for name in host.names(kind):
+            c = host.component(kind, name)
+            table.add_row(kind, name, ", ".join(f"{k}={v}" for k, v in c.defaults.items()), c.summary)
+    console.print(table)
+    methods = Table(title="methods (recipes)")
+    for col in ("method", "components", "description"):
+        methods.add_column(col)
+    for name in sorted(host.recipes):
+        r = host.resolve(name)
+        methods.add_row(name, ", ".join(f"{k}={v.name}" for k, v in r.components.items()), host.recipes[name].description)
+    console.print(methods)
+    console.print(f"[bold]models:[/] {', '.join(list_models())} (or a local dir, a .gguf file, a hub id)")
+    console.print(f"[bold]architectures:[/] {', '.join(supported_architectures())}")
+    console.print(f"[bold]data sources:[/] {', '.join(list_sources())}, text:PATH")
+    console.print(f"[bold]profiles:[/] {', '.join(PROFILES)}")
+    try:
+        from harness.zeroshot import list_tasks
+
+        console.print(f"[bold]zero-shot tasks:[/] {', '.join(list_tasks())}")
+    except ImportError:
+        pass
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.api import run_experiment
+    from harness.report import print_rich
+
+    result = run_experiment(_spec(args, args.method, args.sparsity), results_dir=args.results,
+                            show_progress=not args.quiet)
+    print_rich([result])
+    print(f"result: {result['path']}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.grid import run_grid
+    from harness.report import markdown, print_rich
+
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods:
+        raise UsageError("--methods is empty: a grid needs at least one method")
+    specs = [_spec(args, m, s) for m in methods for s in _parse_sparsities(args.sparsities)]
+    results = run_grid(specs, args.results, shard=args.shard, show_progress=not args.quiet)
+    print_rich(results)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(results) + "\n")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import markdown, plots, print_rich
+    from harness.results import load_results
+
+    results = load_results(args.paths)
+    if not results:
+        raise UsageError(f"no result files found in {', '.join(args.paths)}")
+    print_rich(results)
+    text = markdown(results)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text + "\n")
+        print(f"markdown: {args.markdown}")
+    if args.plots:
+        for p in plots(results, args.plots):
+            print(f"plot: {p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunebench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="components, methods, models, data sources, profiles").set_defaults(func=cmd_list)
+
+    run = sub.add_parser("run", help="prune one model with one method at one sparsity")
+    run.add_argument("--method", required=True)
+    run.add_argument("--sparsity", type=float, required=True)
+    run.add_argument("--save", help="save the pruned model (save_pretrained) into this folder")
+    _add_protocol_args(run)
+    run.set_defaults(func=cmd_run)
+
+    cmp_ = sub.add_parser("compare", help="a grid of methods x sparsities under one protocol (resumable)")
+    cmp_.add_argument("--methods", required=True, help="comma-separated methods")
+    cmp_.add_argument("--sparsities", required=True, help="comma-separated, e.g. 0.2,0.3")
+    cmp_.add_argument("--shard", default="0/1", help="I/N: run every N-th grid cell starting at I")
+    cmp_.add_argument("--markdown", help="also write the markdown table here")
+    _add_protocol_args(cmp_)
+    cmp_.set_defaults(func=cmd_compare)
+
+    rep = sub.add_parser("report", help="tables and plots from result files")
+    rep.add_argument("paths", nargs="+", help="result files or folders")
+    rep.add_argument("--markdown", help="write the markdown table to this file")
+    rep.add_argument("--plots", help="write PNG plots into this folder")
+    rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"prunebench: error: {exc}", file=sys.stderr)
+        return 2
+    except PruneBenchError as exc:
+        print(f"prunebench: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Comparison grids: many specs under one protocol, resumable and shardable.
+
+A cell whose result file already exists is not run again, so an interrupted grid
+resumes where it stopped; ``shard="i/n"`` runs every n-th cell starting at i, so a grid
+splits across processes or machines writing into one results folder (``report`` merges).
+The dense model is evaluated once per grid through the dense-metrics cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UsageError
+from harness.manager import PluginHost
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard expects I/N like 0/2, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def run_grid(specs: list, results_dir: str | Path, shard: str = "0/1", show_progress: bool = True,
+             host: PluginHost | None = None, runner=None) -> list[dict[str, Any]]:
+    """Run the cells of this shard that have no result yet; return all of this shard's results."""
+    from harness.api import protocol_id, protocol_of, result_path, run_experiment, validate
+
+    if not specs:
+        raise UsageError("a grid needs at least one method and one sparsity")
+    host = host or PluginHost()
+    runner = runner or run_experiment
+    index, count = parse_shard(shard)
+    cells = []
+    for spec in specs:  # validate every cell before running any
+        profile, recipe = validate(spec, host)
+        cells.append((spec, result_path(results_dir, spec, recipe.name, protocol_id(protocol_of(spec, profile)))))
+    results = []
+    for i, (spec, path) in enumerate(cells):
+        if i % count != index:
+            continue
+        if path.exists():
+            data = json.loads(path.read_text())
+            data["path"] = str(path)
+            results.append(data)
+            continue
+        results.append(runner(spec, results_dir=results_dir, host=host, show_progress=show_progress))
+    return results

@@ -1,0 +1,169 @@
+"""Tables and plots from result files.
+
+Results are grouped by protocol (``spec.protocol_id``): runs under different calibration,
+evaluation or timing settings are never put in one table; each group gets its own,
+headed by what differs. Rows follow the paper's Table 1: one per method and sparsity,
+dense first.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+TASK_ORDER = ("arc_challenge", "arc_easy", "winogrande", "boolq", "hellaswag", "openbookqa", "piqa")
+TASK_SHORT = {"arc_challenge": "ARC-c", "arc_easy": "ARC-e", "winogrande": "WinoG", "boolq": "BoolQ",
+              "hellaswag": "HellaS", "openbookqa": "OBQA", "piqa": "PIQA"}
+
+
+def group_by_protocol(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        groups[r["spec"].get("protocol_id", "?")].append(r)
+    return dict(groups)
+
+
+def describe_protocol(result: dict[str, Any]) -> str:
+    p = result["spec"]["protocol"]
+    prof = p["profile"]
+    return (f"model {p['model']} ({p['dtype']}), profile {prof['name']}: calibration {prof['calibration_samples']}x"
+            f"{prof['calibration_seqlen']} {prof['calibration_source']}, perplexity {prof['eval_samples']}x"
+            f"{prof['eval_seqlen']}, zero-shot limit {prof['task_limit']}, seed {p['seed']}")
+
+
+def _zeroshot_cells(metrics: dict[str, Any]) -> tuple[list[Any], Any]:
+    zs = metrics.get("zeroshot")
+    if not zs:
+        return [None] * len(TASK_ORDER), None
+    scores = zs.get("scores", {})
+    return [scores.get(t) for t in TASK_ORDER], zs.get("average")
+
+
+def _ratio(result: dict[str, Any], key: str) -> Any:
+    inf = (result.get("timings") or {}).get("inference") or {}
+    return (inf.get("ratios") or {}).get(key)
+
+
+def rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of one protocol group: dense once, then method x sparsity."""
+    sources = sorted({s for r in results for s in r["metrics"]["pruned"].get("ppl", {})})
+    header = ["method", "sparsity", "achieved", *[f"PPL {s}" for s in sources],
+              *[TASK_SHORT[t] for t in TASK_ORDER], "avg acc", "prefill x", "decode x", "prune s"]
+    out: list[list[Any]] = []
+    if results:
+        dense = results[0]["metrics"]["dense"]
+        tasks, avg = _zeroshot_cells(dense)
+        out.append(["dense", 0.0, 0.0, *[dense["ppl"].get(s) for s in sources], *tasks, avg, 1.0, 1.0, None])
+    for r in sorted(results, key=lambda r: (r["sparsity"]["target"], r["recipe"]["name"])):
+        m = r["metrics"]["pruned"]
+        tasks, avg = _zeroshot_cells(m)
+        out.append([r["recipe"]["name"], r["sparsity"]["target"], r["sparsity"]["achieved"],
+                    *[m["ppl"].get(s) for s in sources], *tasks, avg,
+                    _ratio(r, "prefill_speedup"), _ratio(r, "decode_speedup"),
+                    r["timings"]["stages_s"].get("prune")])
+    return header, out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    parts = []
+    for pid, group in group_by_protocol(results).items():
+        header, body = rows(group)
+        parts.append(f"Protocol `{pid}`: {describe_protocol(group[0])}\n")
+        parts.append(tabulate([[_fmt(c) for c in row] for row in body], headers=header, tablefmt="github"))
+        parts.append("")
+    return "\n".join(parts)
+
+
+def print_rich(results: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for pid, group in group_by_protocol(results).items():
+        header, body = rows(group)
+        table = Table(title=f"protocol {pid}", caption=describe_protocol(group[0]))
+        for h in header:
+            table.add_column(h, justify="left" if h == "method" else "right")
+        for row in body:
+            table.add_row(*[_fmt(c) for c in row])
+        console.print(table)
+
+
+def plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Three PNGs per protocol group: perplexity vs sparsity, accuracy vs latency ratio
+    (a Pareto view), pruning time per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for pid, group in group_by_protocol(results).items():
+        by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in group:
+            by_method[r["recipe"]["name"]].append(r)
+        source = sorted(group[0]["metrics"]["pruned"].get("ppl", {}) or ["?"])[0]
+        dense_ppl = group[0]["metrics"]["dense"]["ppl"].get(source)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, runs in sorted(by_method.items()):
+            runs = sorted(runs, key=lambda r: r["sparsity"]["target"])
+            ax.plot([r["sparsity"]["achieved"] for r in runs], [r["metrics"]["pruned"]["ppl"].get(source) for r in runs],
+                    marker="o", label=name)
+        if dense_ppl:
+            ax.axhline(dense_ppl, color="gray", linestyle="--", label="dense")
+        ax.set_xlabel("achieved decoder sparsity")
+        ax.set_ylabel(f"perplexity ({source})")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title("Perplexity vs sparsity")
+        written.append(_save(fig, out / f"ppl_vs_sparsity_{pid}.png"))
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, runs in sorted(by_method.items()):
+            pts = [(_ratio(r, "prefill_latency_ratio"), (r["metrics"]["pruned"].get("zeroshot") or {}).get("average"))
+                   for r in runs]
+            pts = [(x, y) for x, y in pts if x is not None and y is not None]
+            if pts:
+                ax.scatter(*zip(*pts), label=name)
+        dense_avg = (group[0]["metrics"]["dense"].get("zeroshot") or {}).get("average")
+        if dense_avg is not None:
+            ax.scatter([1.0], [dense_avg], marker="*", s=120, color="black", label="dense")
+        ax.set_xlabel("prefill latency / dense")
+        ax.set_ylabel("average zero-shot accuracy")
+        ax.legend(fontsize=7)
+        ax.set_title("Accuracy vs latency")
+        written.append(_save(fig, out / f"accuracy_vs_latency_{pid}.png"))
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        names = sorted(by_method)
+        times = [sum(r["timings"]["stages_s"].get("prune", 0.0) for r in by_method[n]) / len(by_method[n]) for n in names]
+        ax.barh(names, times)
+        ax.set_xlabel("pruning wall time per run (s)")
+        ax.set_title("Pruning cost")
+        written.append(_save(fig, out / f"pruning_time_{pid}.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_suffix(".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

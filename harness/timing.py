@@ -1,0 +1,570 @@
+"""Wall-clock timing of dense and pruned models under one procedure.
+
+Why this exists: a pruning method's claim of speedup only means something if the pruned
+and the dense model are timed the same way, in the same process, on the same inputs. So
+everything here takes its shapes as arguments and records them (``settings``), and
+`compare_to_dense` refuses to compare timings taken under different settings.
+
+What is measured (as the paper does):
+- prefill latency: one forward over a ``[batch, seqlen]`` prompt, writing a fresh KV cache;
+- decode throughput: ``decode_tokens`` greedy single-token steps against a KV cache that
+  already holds ``kv_len`` tokens (every repeat starts from an identical copy of it);
+- one decoder layer alone: a long-input prefill and one decode step against a
+  ``kv_len`` cache, which isolates the part pruning changes from the unchanged
+  embeddings and lm_head;
+- weight memory: bytes of the real parameter and persistent buffer tensors.
+
+The intra-op thread count (``torch.get_num_threads()``) is recorded and must match too:
+on a CPU it changes latencies more than many pruning ratios do.
+
+Timings use ``time.perf_counter`` and synchronise the device around each timed call
+(CUDA kernels run asynchronously, so the clock would otherwise stop early). Medians over
+repeats are the headline because a shared machine adds one-sided noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from harness.errors import UsageError
+
+T = TypeVar("T")
+
+#: Signature of a layer-input builder: ``(hidden_states, position_ids, cache) -> (args, kwargs)``
+#: for ``layer(*args, **kwargs)``. It runs outside the timed region, so work a full model
+#: does once for all layers (rotary tables, masks) is not charged to the one layer.
+MakeInputs = Callable[[torch.Tensor, torch.Tensor, Any], tuple[tuple[Any, ...], dict[str, Any]]]
+
+#: Latency keys of `time_model` / `time_decoder_layer` results and the speedup name each
+#: gets in `compare_to_dense`.
+LATENCY_KEYS: dict[str, str] = {
+    "prefill_s": "prefill_speedup",
+    "decode_s_per_token": "decode_speedup",
+    "layer_prefill_s": "layer_prefill_speedup",
+    "layer_decode_s": "layer_decode_speedup",
+}
+#: Size keys compared as plain pruned/dense ratios.
+SIZE_KEYS: tuple[str, ...] = ("weight_bytes", "layer_weight_bytes")
+#: Settings that must match for two timings to be comparable.
+PROTOCOL_KEYS: tuple[str, ...] = ("batch", "seqlen", "decode_tokens", "kv_len", "warmup", "repeats", "device", "threads")
+
+
+@dataclass
+class Timing:
+    """Summary of ``repeats`` timed calls, in seconds.
+
+    ``iqr_s`` (interquartile range) and ``stdev_s`` say how noisy the median is; both
+    are 0 for a single repeat. ``samples_s`` keeps every measurement for later analysis.
+    """
+
+    median_s: float
+    min_s: float
+    max_s: float
+    mean_s: float
+    iqr_s: float
+    stdev_s: float
+    repeats: int
+    warmup: int
+    samples_s: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_device(device: str | torch.device | None) -> torch.device:
+    try:
+        return torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"not a device: {device!r}") from exc
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so the clock measures work done, not work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.synchronize()
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def time_callable(
+    fn: Callable[..., Any],
+    warmup: int,
+    repeats: int,
+    device: str | torch.device | None,
+    setup: Callable[[], Any] | None = None,
+) -> Timing:
+    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls.
+
+    Without ``setup``, ``fn()`` is timed. With it, each call (warm-up included) first runs
+    ``state = setup()`` untimed and then times ``fn(state)``: that is how a decode loop
+    gets an identical, fresh KV cache every repeat without paying for the copy.
+    """
+    warmup = _check_count("warmup", warmup, 0)
+    repeats = _check_count("repeats", repeats, 1)
+    dev = _as_device(device)
+
+    def once() -> float:
+        if setup is not None:
+            state = setup()
+            _synchronize(dev)
+            start = time.perf_counter()
+            fn(state)
+        else:
+            _synchronize(dev)
+            start = time.perf_counter()
+            fn()
+        _synchronize(dev)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        once()
+    samples = [once() for _ in range(repeats)]
+    if repeats > 1:
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+        iqr, stdev = q3 - q1, statistics.stdev(samples)
+    else:
+        iqr = stdev = 0.0
+    return Timing(
+        median_s=statistics.median(samples),
+        min_s=min(samples),
+        max_s=max(samples),
+        mean_s=statistics.fmean(samples),
+        iqr_s=iqr,
+        stdev_s=stdev,
+        repeats=repeats,
+        warmup=warmup,
+        samples_s=samples,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and persistent buffers, as really allocated.
+
+    Shared tensors (tied embeddings) count once. Non-persistent buffers (rotary tables,
+    masks) are excluded: they are derived, not weights. A tensor on the meta device has
+    no storage, so the count would be fiction: that raises instead.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def add(name: str, t: torch.Tensor) -> None:
+        nonlocal total
+        if id(t) in seen:
+            return
+        seen.add(id(t))
+        if t.is_meta:
+            raise UsageError(f"{name} is on the meta device: load real weights before counting bytes")
+        total += t.numel() * t.element_size()
+
+    for name, p in model.named_parameters():  # de-duplicates tied parameters
+        add(name, p)
+    for mod_name, module in model.named_modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for buf_name, buf in module._buffers.items():
+            if buf is not None and buf_name not in skip:
+                add(f"{mod_name}.{buf_name}" if mod_name else buf_name, buf)
+    return total
+
+
+def cache_length(cache: Any, layer_idx: int | None = None) -> int:
+    """Tokens held by a transformers cache: at ``layer_idx``, or the most over all layers.
+
+    The maximum over layers is used by default because in a pruned model the first layer
+    may have no attention heads left and so hold nothing.
+    """
+    if cache is None:
+        return 0
+    if layer_idx is not None:
+        return int(cache.get_seq_length(layer_idx))
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return int(cache.get_seq_length())
+    return max((int(cache.get_seq_length(i)) for i in range(len(layers))), default=0)
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _cache_kwarg(fn: Callable[..., Any]) -> str:
+    """The keyword a forward takes its KV cache by.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated);
+    models written against either name must both work.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    if "cache" in params:
+        return "cache"
+    return "past_key_values"
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Time in eval mode (no dropout), then give the module its mode back."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    return None
+
+
+def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """The device to time on; it must be where the model's weights already are."""
+    own = _model_device(model)
+    if device is None:
+        return own if own is not None else torch.device("cpu")
+    dev = _as_device(device)
+    if own is not None and (own.type != dev.type or (dev.index is not None and own.index != dev.index)):
+        raise UsageError(f"the model's weights are on {own}, but timing was asked on {dev}: move the model first")
+    return dev
+
+
+# --------------------------------------------------------------------------- whole model
+
+
+def time_model(
+    model: nn.Module,
+    batch: int,
+    seqlen: int,
+    decode_tokens: int,
+    kv_len: int,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: str | torch.device | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    last_logits_only: bool = True,
+) -> dict[str, Any]:
+    """Prefill latency and decode throughput of a causal LM, plus its weight bytes.
+
+    Works for any model called as ``model(input_ids=..., <cache>=..., use_cache=True)``
+    (``<cache>`` is ``cache`` or ``past_key_values``, whichever its forward takes).
+    Inputs are random token ids from a seeded generator, so the dense and the pruned
+    model see the same ones. With ``last_logits_only`` (default) the forward is asked
+    for the last position's logits only (``logits_to_keep=1``), as generation does:
+    otherwise the full-vocabulary head over every prompt position, which pruning does
+    not touch, would dilute the prefill comparison.
+
+    Decode: one untimed forward over ``kv_len`` tokens builds the cache; each repeat then
+    takes a deep copy of it and runs ``decode_tokens`` greedy steps, feeding the argmax
+    token and the cache back. That the cache really grew by ``decode_tokens`` is checked
+    (a model that ignored it would otherwise report a meaningless decode speed).
+
+    Returns a flat dict: ``prefill_s`` (median latency), ``prefill_tokens_per_s``,
+    ``decode_s_per_token``, ``decode_tokens_per_s`` (over the batch), ``weight_bytes``,
+    the full `Timing` of each phase under ``prefill``/``decode``, and ``settings``.
+    """
+    batch = _check_count("batch", batch, 1)
+    seqlen = _check_count("seqlen", seqlen, 1)
+    decode_tokens = _check_count("decode_tokens", decode_tokens, 1)
+    kv_len = _check_count("kv_len", kv_len, 1)
+    dev = _resolve_device(model, device)
+    config = getattr(model, "config", None)
+    vocab = vocab_size if vocab_size is not None else getattr(config, "vocab_size", None)
+    if vocab is None:
+        raise UsageError("vocab_size is needed: the model has no config.vocab_size")
+    vocab = _check_count("vocab_size", vocab, 1)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    longest = max(seqlen, kv_len + decode_tokens)
+    if isinstance(max_pos, int) and longest > max_pos:
+        raise UsageError(f"{longest} positions exceed the model's max_position_embeddings ({max_pos})")
+
+    cache_kw = _cache_kwarg(model.forward)
+    keep = {"logits_to_keep": 1} if last_logits_only and _accepts(model.forward, "logits_to_keep") else {}
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch, seqlen), generator=gen).to(dev)
+    context = torch.randint(0, vocab, (batch, kv_len), generator=gen).to(dev)
+
+    def forward(ids: torch.Tensor, cache: Any) -> Any:
+        return model(input_ids=ids, use_cache=True, **{cache_kw: cache}, **keep)
+
+    def returned_cache(out: Any, fallback: Any) -> Any:
+        for name in ("cache", "past_key_values"):
+            value = getattr(out, name, None)
+            if value is not None:
+                return value
+        return fallback
+
+    with _eval_mode(model), torch.inference_mode():
+        prefill = time_callable(lambda cache: forward(prompt, cache), warmup, repeats, dev, setup=_new_cache)
+
+        built = _new_cache()
+        out = forward(context, built)
+        base_cache = returned_cache(out, built)
+        first_token = out.logits[:, -1:].argmax(dim=-1)
+        if cache_length(base_cache) != kv_len:
+            raise UsageError(f"the model did not fill its KV cache: {cache_length(base_cache)} cached tokens, expected {kv_len}")
+
+        def decode(cache: Any) -> Any:
+            token = first_token
+            for _ in range(decode_tokens):
+                step = forward(token, cache)
+                cache = returned_cache(step, cache)
+                token = step.logits[:, -1:].argmax(dim=-1)
+            return cache
+
+        decode_timing = time_callable(decode, warmup, repeats, dev, setup=lambda: copy.deepcopy(base_cache))
+        grown = cache_length(decode(copy.deepcopy(base_cache)))
+    if grown != kv_len + decode_tokens:
+        raise UsageError(f"decoding did not use the KV cache: it holds {grown} tokens, expected {kv_len + decode_tokens}")
+
+    dtype = next((p.dtype for p in model.parameters()), None)
+    return {
+        "prefill_s": prefill.median_s,
+        "prefill_tokens_per_s": batch * seqlen / prefill.median_s,
+        "decode_s_per_token": decode_timing.median_s / decode_tokens,
+        "decode_tokens_per_s": batch * decode_tokens / decode_timing.median_s,
+        "weight_bytes": weight_bytes(model),
+        "decode_cache_tokens_after": grown,
+        "prefill": prefill.to_dict(),
+        "decode": decode_timing.to_dict(),
+        "settings": {
+            "batch": batch,
+            "seqlen": seqlen,
+            "decode_tokens": decode_tokens,
+            "kv_len": kv_len,
+            "warmup": warmup,
+            "repeats": repeats,
+            "device": str(dev),
+            "dtype": str(dtype),
+            "threads": torch.get_num_threads(),
+            "vocab_size": vocab,
+            "seed": seed,
+            "last_logits_only": bool(keep),
+            "cache_kwarg": cache_kw,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- one layer
+
+
+def default_layer_inputs(hidden_states: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs for the harness decoder-layer signature
+    ``layer(hidden_states, position_ids, attention_mask=None, past_key_values=None)``."""
+    return (hidden_states, position_ids), {"attention_mask": None, "past_key_values": cache}
+
+
+def hf_layer_inputs(model: nn.Module) -> MakeInputs:
+    """A `MakeInputs` for the decoder layers of a stock transformers model (e.g. Llama).
+
+    Those layers take the rotary ``(cos, sin)`` precomputed by the model
+    (``model.model.rotary_emb``) and their cache by keyword; the causal mask may be None
+    (SDPA then applies causal masking itself for multi-token input).
+    """
+    inner = getattr(model, "model", model)
+    rotary = getattr(inner, "rotary_emb", None)
+    layers = getattr(inner, "layers", None)
+    if rotary is None or layers is None or len(layers) == 0:
+        raise UsageError(f"{type(model).__name__} has no model.rotary_emb / model.layers: not a stock decoder-only model")
+    cache_kw = _cache_kwarg(layers[0].forward)
+
+    def make(hidden_states: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        cos_sin = rotary(hidden_states, position_ids=position_ids)
+        kwargs = {
+            "attention_mask": None,
+            "position_ids": position_ids,
+            "position_embeddings": cos_sin,
+            cache_kw: cache,
+            "use_cache": cache is not None,
+        }
+        return (hidden_states,), kwargs
+
+    return make
+
+
+def _layer_index(layer: nn.Module, layer_idx: int | None) -> int | None:
+    if layer_idx is not None:
+        return _check_count("layer_idx", layer_idx, 0)
+    for owner in (layer, getattr(layer, "self_attn", None), getattr(layer, "attn", None)):
+        idx = getattr(owner, "layer_idx", None) if owner is not None else None
+        if isinstance(idx, int):
+            return idx
+    return None
+
+
+def time_decoder_layer(
+    layer: nn.Module,
+    hidden_size: int,
+    batch: int,
+    seqlen: int,
+    kv_len: int,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    make_inputs: MakeInputs | None = None,
+    layer_idx: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time one decoder layer alone: a ``[batch, seqlen]`` prefill and one decode step.
+
+    The layer is called as ``layer(*args, **kwargs)`` with ``(args, kwargs) =
+    make_inputs(hidden_states, position_ids, cache)``; the default builds the harness
+    signature ``layer(hidden_states, position_ids, attention_mask=None,
+    past_key_values=cache)`` (see `default_layer_inputs`; `hf_layer_inputs` serves stock
+    transformers layers). ``make_inputs`` runs untimed.
+
+    Prefill writes a fresh ``DynamicCache`` each repeat. Decode: the layer first fills a
+    cache with ``kv_len`` positions (untimed, once); each repeat copies it and times one
+    token at position ``kv_len``. The layer's attention writes the cache at its own
+    ``layer_idx`` (taken from the layer or ``layer.self_attn`` unless given); the cache
+    length there is checked, so a layer that ignores the cache fails loudly instead of
+    timing a decode without context. Hidden states are seeded random normals in
+    ``dtype`` (default: the layer's parameter dtype).
+    """
+    hidden_size = _check_count("hidden_size", hidden_size, 1)
+    batch = _check_count("batch", batch, 1)
+    seqlen = _check_count("seqlen", seqlen, 1)
+    kv_len = _check_count("kv_len", kv_len, 1)
+    dev = _resolve_device(layer, device)
+    own_dtype = next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float32)
+    dt = dtype if dtype is not None else own_dtype
+    build = make_inputs if make_inputs is not None else default_layer_inputs
+    idx = _layer_index(layer, layer_idx)
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    prompt = torch.randn(batch, seqlen, hidden_size, generator=gen).to(dev, dt)
+    context = torch.randn(batch, kv_len, hidden_size, generator=gen).to(dev, dt)
+    step = torch.randn(batch, 1, hidden_size, generator=gen).to(dev, dt)
+
+    def positions(start: int, length: int) -> torch.Tensor:
+        return torch.arange(start, start + length, device=dev).unsqueeze(0).expand(batch, -1)
+
+    def call(inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        args, kwargs = inputs
+        return layer(*args, **kwargs)
+
+    with _eval_mode(layer), torch.inference_mode():
+        prefill = time_callable(call, warmup, repeats, dev, setup=lambda: build(prompt, positions(0, seqlen), _new_cache()))
+
+        base_cache = _new_cache()
+        call(build(context, positions(0, kv_len), base_cache))
+        held = cache_length(base_cache, idx) if idx is not None else cache_length(base_cache)
+        if held != kv_len:
+            where = f"at layer_idx {idx}" if idx is not None else "in any layer"
+            raise UsageError(
+                f"the layer did not write its KV cache {where}: {held} tokens, expected {kv_len} "
+                f"(pass layer_idx, or a make_inputs that hands the cache to the layer)"
+            )
+
+        def decode_setup() -> tuple[tuple[tuple[Any, ...], dict[str, Any]], Any]:
+            cache = copy.deepcopy(base_cache)
+            return build(step, positions(kv_len, 1), cache), cache
+
+        decode = time_callable(lambda state: call(state[0]), warmup, repeats, dev, setup=decode_setup)
+        inputs, cache = decode_setup()
+        call(inputs)
+        grown = cache_length(cache, idx) if idx is not None else cache_length(cache)
+    if grown != kv_len + 1:
+        raise UsageError(f"the decode step did not use the KV cache: it holds {grown} tokens, expected {kv_len + 1}")
+
+    return {
+        "layer_prefill_s": prefill.median_s,
+        "layer_decode_s": decode.median_s,
+        "layer_weight_bytes": weight_bytes(layer),
+        "layer_prefill": prefill.to_dict(),
+        "layer_decode": decode.to_dict(),
+        "settings": {
+            "batch": batch,
+            "seqlen": seqlen,
+            "kv_len": kv_len,
+            "hidden_size": hidden_size,
+            "warmup": warmup,
+            "repeats": repeats,
+            "device": str(dev),
+            "dtype": str(dt),
+            "threads": torch.get_num_threads(),
+            "layer_idx": idx,
+            "seed": seed,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def compare_to_dense(dense_timings: dict[str, Any], pruned_timings: dict[str, Any]) -> dict[str, float]:
+    """Ratios of a pruned model's timings to the dense model's, for every shared key.
+
+    Directions, fixed so tables never need a footnote:
+    - ``<latency>_ratio = pruned / dense`` for ``prefill_s``, ``decode_s_per_token``,
+      ``layer_prefill_s``, ``layer_decode_s``: below 1 means the pruned model is faster;
+    - ``<phase>_speedup = dense / pruned`` for the same latencies (``prefill_speedup``,
+      ``decode_speedup``, ``layer_prefill_speedup``, ``layer_decode_speedup``): above 1
+      means faster; decode speedup equals the tokens/s ratio pruned / dense;
+    - ``weight_bytes_ratio`` / ``layer_weight_bytes_ratio = pruned / dense``.
+
+    Works on `time_model` and `time_decoder_layer` results (or dicts merging both).
+    Timings whose ``settings`` differ in shape, repeats or device are not comparable and
+    raise `UsageError`.
+    """
+    a, b = dense_timings.get("settings"), pruned_timings.get("settings")
+    if isinstance(a, dict) and isinstance(b, dict):
+        differing = [k for k in PROTOCOL_KEYS if a.get(k) != b.get(k)]
+        if differing:
+            detail = ", ".join(f"{k}: dense {a.get(k)!r} vs pruned {b.get(k)!r}" for k in differing)
+            raise UsageError(f"timings were taken under different settings ({detail})")
+
+    out: dict[str, float] = {}
+
+    def number(d: dict[str, Any], key: str) -> float | None:
+        v = d.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    for key, speedup in LATENCY_KEYS.items():
+        dense, pruned = number(dense_timings, key), number(pruned_timings, key)
+        if dense is None or pruned is None:
+            continue
+        if dense <= 0 or pruned <= 0:
+            raise UsageError(f"{key} must be positive to compare, got dense {dense} and pruned {pruned}")
+        out[f"{key}_ratio"] = pruned / dense
+        out[speedup] = dense / pruned
+    for key in SIZE_KEYS:
+        dense, pruned = number(dense_timings, key), number(pruned_timings, key)
+        if dense is None or pruned is None:
+            continue
+        if dense <= 0:
+            raise UsageError(f"dense {key} must be positive, got {dense}")
+        out[f"{key}_ratio"] = pruned / dense
+    if not out:
+        raise UsageError("no timing keys in common to compare (expected time_model / time_decoder_layer results)")
+    return out

@@ -1,0 +1,280 @@
+"""Tests of the IntraSlice attention components (plugins/intraslice_attention.py).
+
+Tiny random models (hidden 64, 4 heads of dim 16; GQA: 2 KV heads) exercise MHA, GQA,
+biases and Phi-3's unfused projections; one small SmolLM2 check is marked ``real``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from harness.adapters import to_pruned
+from harness.budget import plan_params
+from harness.context import LayerContext, RunContext, embed, position_ids
+from harness.contracts import AttentionPlan, LinearWeights
+from harness.params import attention_params
+from harness.surgery import apply_attention_plan, attention_plan_of, build_attention, keep_heads
+from harness.testing import tiny_model
+from plugins.intraslice_attention import (
+    AttentionCosts,
+    HeadPrune,
+    IntraSliceHeadPCA,
+    split_dims,
+)
+
+PCA = IntraSliceHeadPCA()
+HEAD_PRUNE = HeadPrune()
+
+
+def _layer(kind: str, index: int = 0, tokens: int = 32, seqs: int = 8) -> LayerContext:
+    model = to_pruned(tiny_model(kind))
+    ids = torch.randint(0, 96, (seqs, tokens), generator=torch.Generator().manual_seed(0))
+    run = RunContext(model=model, calibration=ids, batch_size=4, device=torch.device("cpu"), seed=0, target=0.3)
+    return LayerContext(run, index, embed(model, ids, 4, torch.device("cpu")), importance=None, allocation=None)
+
+
+def _params(**over) -> dict:
+    return {**PCA.defaults, **over}
+
+
+def _attn_out(module: torch.nn.Module, ctx: LayerContext) -> torch.Tensor:
+    """Attention output of ``module`` on the layer's normed calibration inputs."""
+    x = ctx.layer.input_layernorm(ctx.inputs)
+    freqs = ctx.model.model.rotary_freqs(position_ids(x.shape[1], x.device))
+    with torch.no_grad():
+        return module(x, freqs, None, None)
+
+
+# ----- ratio 0 is the dense layer ------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama-mha", "llama-gqa", "phi3"])
+def test_ratio_zero_equals_dense(kind: str) -> None:
+    ctx = _layer(kind)
+    before = ctx.outputs()
+    plan = PCA.compress_attention(layer=ctx, ratio=0.0, params=_params())
+    attn = ctx.layer.self_attn
+    assert (len(plan.head_to_kv), plan.qk_dim, plan.v_dim) == (attn.num_heads, attn.qk_dim, attn.v_dim)
+    # The full path ran: v/o went through a PCA basis (not the identity) and Q_2*.
+    assert not torch.allclose(plan.v.weight, attn.v_proj.weight)
+    apply_attention_plan(ctx.model, ctx.index, plan)
+    assert (ctx.outputs() - before).abs().max().item() < 1e-4
+
+
+# ----- greedy head removal -------------------------------------------------------------------
+def test_zero_output_head_is_removed_mha() -> None:
+    ctx = _layer("llama-mha")
+    attn = ctx.layer.self_attn
+    with torch.no_grad():
+        attn.v_proj.weight[2 * attn.v_dim : 3 * attn.v_dim] = 0  # head 2 outputs exactly zero
+    plan = PCA.compress_attention(layer=ctx, ratio=0.3, params=_params())
+    assert plan.summary["removed_heads"] == [2]
+    # Without the zero head nothing is removed at this ratio: the removal above is the greedy step's.
+    plain = PCA.compress_attention(layer=_layer("llama-mha"), ratio=0.3, params=_params())
+    assert plain.summary["removed_heads"] == []
+
+
+def test_zero_output_head_is_removed_gqa() -> None:
+    ctx = _layer("llama-gqa")
+    attn = ctx.layer.self_attn
+    with torch.no_grad():
+        attn.o_proj.weight[:, 1 * attn.v_dim : 2 * attn.v_dim] = 0  # head 1 contributes nothing
+    plan = PCA.compress_attention(layer=ctx, ratio=0.3, params=_params())
+    assert plan.summary["kept_heads"] == [0, 2, 3]
+    assert plan.head_to_kv == [0, 1, 1] and plan.num_kv_heads == 2
+
+
+# ----- uneven GQA groups --------------------------------------------------------------------
+def _masked_layout(plan: AttentionPlan, dense: AttentionPlan, kept: list[int]) -> AttentionPlan:
+    """The plan's tensors placed back in the original (uniform) head layout, with removed
+    query heads masked to zero: the reference computation for uneven groups."""
+    heads, groups, c, p = len(dense.head_to_kv), dense.num_kv_heads, plan.qk_dim, plan.v_dim
+    d = dense.q.in_features
+    kv_orig = sorted({dense.head_to_kv[h] for h in kept})
+    q = torch.zeros(heads * c, d)
+    o = torch.zeros(d, heads * p)
+    for i, h in enumerate(kept):
+        q[h * c : (h + 1) * c] = plan.q.weight[i * c : (i + 1) * c]
+        o[:, h * p : (h + 1) * p] = plan.o.weight[:, i * p : (i + 1) * p]
+    k, v = torch.zeros(groups * c, d), torch.zeros(groups * p, d)
+    rope = plan.rope_index[:1].repeat(groups, 1)
+    for j, g in enumerate(kv_orig):
+        k[g * c : (g + 1) * c] = plan.k.weight[j * c : (j + 1) * c]
+        v[g * p : (g + 1) * p] = plan.v.weight[j * p : (j + 1) * p]
+        rope[g] = plan.rope_index[j]
+    return AttentionPlan(
+        head_to_kv=list(dense.head_to_kv), num_kv_heads=groups, qk_dim=c, v_dim=p, rope_index=rope,
+        q=LinearWeights(weight=q), k=LinearWeights(weight=k), v=LinearWeights(weight=v), o=LinearWeights(weight=o),
+    )
+
+
+def test_uneven_groups_equal_masked_reference() -> None:
+    ctx = _layer("llama-gqa")
+    attn = ctx.layer.self_attn
+    with torch.no_grad():
+        attn.o_proj.weight[:, 1 * attn.v_dim : 2 * attn.v_dim] = 0
+    dense = attention_plan_of(attn)
+    plan = PCA.compress_attention(layer=ctx, ratio=0.3, params=_params())
+    kept = plan.summary["kept_heads"]
+    assert plan.head_to_kv == [0, 1, 1]  # uneven: one group keeps 1 head, the other 2
+    pruned = build_attention(ctx.model, ctx.index, plan)[0]
+    reference = build_attention(ctx.model, ctx.index, _masked_layout(plan, dense, kept))[0]
+    assert not pruned.uniform_groups() and reference.uniform_groups()
+    out, ref = _attn_out(pruned, ctx), _attn_out(reference, ctx)
+    assert (out - ref).abs().max().item() < 1e-5
+    # The masks matter: keeping head 1 in the reference changes the output.
+    unmasked = _masked_layout(plan, dense, kept)
+    unmasked.q.weight[1 * plan.qk_dim : 2 * plan.qk_dim] = unmasked.q.weight[0 : plan.qk_dim]
+    unmasked.o.weight[:, 1 * plan.v_dim : 2 * plan.v_dim] = unmasked.o.weight[:, 0 : plan.v_dim]
+    wrong = _attn_out(build_attention(ctx.model, ctx.index, unmasked)[0], ctx)
+    assert (wrong - ref).abs().max().item() > 1e-3
+
+
+# ----- the budget ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama-mha", "llama-gqa", "llama-bias", "phi3-partial"])
+@pytest.mark.parametrize("ratio", [0.2, 0.45, 0.7])
+def test_parameter_count_meets_budget(kind: str, ratio: float) -> None:
+    ctx = _layer(kind)
+    dense = attention_plan_of(ctx.layer.self_attn)
+    budget = (1 - ratio) * plan_params(dense)
+    plan = PCA.compress_attention(layer=ctx, ratio=ratio, params=_params())
+    apply_attention_plan(ctx.model, ctx.index, plan)
+    real = attention_params(ctx.layer)
+    assert real == plan_params(plan) <= budget
+    costs = AttentionCosts.of(dense)
+    heads, kv = len(plan.head_to_kv), plan.num_kv_heads
+    slack = max(costs.per_vo_channel(heads, kv), 2 * costs.per_qk_channel(heads, kv))
+    assert real > budget - slack
+    assert plan.qk_dim >= 0.75 * dense.qk_dim
+    assert torch.isfinite(ctx.outputs()).all()
+
+
+def test_split_rules() -> None:
+    plan = attention_plan_of(_layer("llama-mha").layer.self_attn)
+    costs = AttentionCosts.of(plan)
+    full = plan_params(plan)
+    assert split_dims(costs, full, 4, 4, "equal", 0.75) == (16, 16)
+    c, p = split_dims(costs, 0.9 * full, 4, 4, "equal", 0.75)
+    assert c == 14 and p == 14  # same fraction of both per-head dims (pairs: even c)
+    c, p = split_dims(costs, 0.9 * full, 4, 4, "qk-floor", 0.75)
+    assert c == 12 and p > 14  # q/k at the floor, the rest to v/o
+    c, p = split_dims(costs, 0.5 * full, 4, 4, "equal", 0.75)
+    assert c == 12 and p < 8  # the floor binds: v/o pays for it
+
+
+# ----- rotary pairs --------------------------------------------------------------------------
+def test_kept_pairs_keep_original_frequencies() -> None:
+    ctx = _layer("llama-gqa")
+    dense = attention_plan_of(ctx.layer.self_attn)
+    n = dense.rope_index.shape[1]
+    plan = PCA.compress_attention(layer=ctx, ratio=0.3, params=_params())
+    kept = plan.summary["kept_heads"]
+    assert plan.rope_index.shape[1] < n  # some pairs were removed
+    # Reference: the dense layer (kept heads, dense v/o) with the removed pairs' q/k rows zeroed.
+    ref = keep_heads(dense, kept)
+    qk = dense.qk_dim
+    for g in range(ref.num_kv_heads):
+        removed = [j for j in range(n) if j not in set(plan.rope_index[g].tolist())]
+        rows = [j for j in removed] + [j + n for j in removed]
+        for r in rows:
+            ref.k.weight[g * qk + r] = 0
+            for h, kv in enumerate(ref.head_to_kv):
+                if kv == g:
+                    ref.q.weight[h * qk + r] = 0
+    # The pruned q/k (kept pairs only, their rope_index) with the same dense v/o.
+    mixed = replace(plan, v=ref.v, o=ref.o, v_dim=ref.v_dim)
+    out = _attn_out(build_attention(ctx.model, ctx.index, mixed)[0], ctx)
+    expected = _attn_out(build_attention(ctx.model, ctx.index, ref)[0], ctx)
+    assert (out - expected).abs().max().item() < 1e-5
+    # Sensitivity: the first m frequencies instead of the kept ones give another output.
+    m = plan.rope_index.shape[1]
+    shifted = replace(mixed, rope_index=torch.arange(m).repeat(plan.num_kv_heads, 1))
+    if not torch.equal(shifted.rope_index, plan.rope_index):
+        wrong = _attn_out(build_attention(ctx.model, ctx.index, shifted)[0], ctx)
+        assert (wrong - expected).abs().max().item() > 1e-4
+
+
+def test_pair_without_energy_is_removed() -> None:
+    ctx = _layer("llama-gqa")
+    attn = ctx.layer.self_attn
+    n = attn.rope_pairs
+    with torch.no_grad():
+        for r in (3, 3 + n):  # pair 3 of KV head 0: k is zero, so it adds nothing to q.k
+            attn.k_proj.weight[r] = 0
+    plan = PCA.compress_attention(layer=ctx, ratio=0.3, params=_params())
+    assert 3 not in plan.rope_index[0].tolist()
+    assert 3 in attention_plan_of(attn).rope_index[0].tolist()
+
+
+# ----- compensation --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama-mha", "llama-gqa"])
+def test_least_squares_map_beats_transpose(kind: str) -> None:
+    errors = {}
+    for o_map in ("lsq", "transpose"):
+        ctx = _layer(kind)
+        target = _attn_out(ctx.layer.self_attn, ctx)
+        plan = PCA.compress_attention(layer=ctx, ratio=0.4, params=_params(o_map=o_map))
+        out = _attn_out(build_attention(ctx.model, ctx.index, plan)[0], ctx)
+        errors[o_map] = (out - target).pow(2).sum().item()
+    assert errors["lsq"] < 0.9 * errors["transpose"]
+
+
+def test_unknown_parameter_value_is_rejected() -> None:
+    with pytest.raises(ValueError, match="split"):
+        PCA.compress_attention(layer=_layer("llama-mha"), ratio=0.3, params=_params(split="half"))
+
+
+# ----- head-prune ----------------------------------------------------------------------------
+def test_head_prune_removes_lowest_heads_without_pca() -> None:
+    ctx = _layer("llama-mha")
+    attn = ctx.layer.self_attn
+    with torch.no_grad():
+        attn.v_proj.weight[1 * attn.v_dim : 2 * attn.v_dim] = 0
+    dense = attention_plan_of(attn)
+    plan = HEAD_PRUNE.compress_attention(layer=ctx, ratio=0.25, params={})
+    assert plan.summary["kept_heads"] == [0, 2, 3]
+    assert (plan.qk_dim, plan.v_dim) == (dense.qk_dim, dense.v_dim)
+    assert torch.equal(plan.o.weight, torch.cat([dense.o.weight[:, h * 16 : (h + 1) * 16] for h in (0, 2, 3)], 1))
+    assert HEAD_PRUNE.compress_attention(layer=ctx, ratio=0.0, params={}) is None
+
+
+# ----- end to end ----------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["intraslice-head-pca", "head-prune"])
+def test_runs_through_the_host(attention: str) -> None:
+    from harness.manager import PluginHost
+    from harness.runner import prune
+
+    host = PluginHost()
+    model = to_pruned(tiny_model("llama-gqa"))
+    before = sum(attention_params(l) for l in model.model.layers)
+    ids = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+    run = RunContext(model=model, calibration=ids, batch_size=4, device=torch.device("cpu"), seed=0, target=0.3)
+    recipe = host.resolve("wanda-sp", [f"attention={attention}", "ffn=keep", "allocation.attention=0.3", "allocation.ffn=0"])
+    outcome = prune(run, recipe, host, show_progress=False)
+    after = sum(attention_params(l) for l in model.model.layers)
+    assert after < before and all("attention" in note for note in outcome.layers)
+    assert torch.isfinite(model(ids).logits).all()
+
+
+# ----- SmolLM2 -------------------------------------------------------------------------------
+@pytest.mark.real
+def test_smollm2_layer_pca_beats_head_prune() -> None:
+    from harness.data import calibration_batch, load_corpus
+    from harness.models import load_source_model
+
+    source = load_source_model("smollm2-135m")
+    model = to_pruned(source.model)
+    ids = calibration_batch(source.tokenizer, load_corpus("wiki-offline"), 4, 128, 0, 2048)
+    run = RunContext(model=model, calibration=ids, batch_size=4, device=torch.device("cpu"), seed=0, target=0.3)
+    hidden = embed(model, ids, 4, torch.device("cpu"))
+    for i in range(3):
+        hidden = LayerContext(run, i, hidden, None, None).outputs()
+    ctx = LayerContext(run, 3, hidden, importance=None, allocation=None)
+    target = _attn_out(ctx.layer.self_attn, ctx)
+    err = {}
+    for name, comp, params in (("pca", PCA, _params()), ("head", HEAD_PRUNE, {})):
+        plan = comp.compress_attention(layer=ctx, ratio=0.3, params=params)
+        out = _attn_out(build_attention(ctx.model, ctx.index, plan)[0], ctx)
+        err[name] = ((out - target).pow(2).sum() / target.pow(2).sum()).item()
+    assert err["pca"] < err["head"]

@@ -1,0 +1,332 @@
+"""Tests of harness.timing: the procedure, not the speed.
+
+Nothing here asserts that one thing is faster than another: this CPU is shared, so only
+self-consistency (a model timed against itself) and bookkeeping (the cache really grows,
+bytes add up, ratios point the right way) are checked.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from harness.errors import UsageError
+from harness.timing import (
+    Timing,
+    cache_length,
+    compare_to_dense,
+    hf_layer_inputs,
+    time_callable,
+    time_decoder_layer,
+    time_model,
+    weight_bytes,
+)
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on an oversubscribed 2-core machine, OpenMP spinning across
+    two threads makes tiny-model timings far noisier than a single thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- stand-in layer
+
+
+class _Attention(nn.Module):
+    """Causal attention that keeps K/V in a transformers cache under its ``layer_idx``."""
+
+    def __init__(self, d: int, heads: int, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.head_dim = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        # A position-dependent phase so position_ids matter (a stand-in for RoPE).
+        phase = torch.cos(position_ids.to(x.dtype))[:, None, :, None]
+        q, k = q * phase, k * phase
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        causal = t > 1 and k.shape[2] == t
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.o(out.transpose(1, 2).reshape(b, t, d))
+
+
+class StandInLayer(nn.Module):
+    """A decoder layer with the harness signature the pruned format uses:
+    ``layer(hidden_states, position_ids, attention_mask=None, past_key_values=None)``."""
+
+    def __init__(self, d: int = HIDDEN, heads: int = 4, layer_idx: int = 3, use_cache: bool = True) -> None:
+        super().__init__()
+        self.self_attn = _Attention(d, heads, layer_idx)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+        self.norm = nn.LayerNorm(d)
+        self.use_cache = use_cache
+        self.seen_kv_lengths: list[int] = []
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+    ) -> torch.Tensor:
+        assert attention_mask is None
+        cache = past_key_values if self.use_cache else None
+        h = hidden_states + self.self_attn(self.norm(hidden_states), position_ids, cache)
+        if cache is not None:
+            self.seen_kv_lengths.append(cache.get_seq_length(self.self_attn.layer_idx))
+        return h + self.mlp(h)
+
+
+# --------------------------------------------------------------------------- time_callable
+
+
+def test_time_callable_counts_and_summary() -> None:
+    calls: list[str] = []
+    timing = time_callable(lambda: calls.append("x"), warmup=2, repeats=5, device="cpu")
+    assert len(calls) == 7
+    assert isinstance(timing, Timing) and timing.repeats == 5 and timing.warmup == 2
+    assert len(timing.samples_s) == 5
+    assert 0 <= timing.min_s <= timing.median_s <= timing.max_s
+    assert timing.iqr_s >= 0 and timing.stdev_s >= 0
+    assert set(timing.to_dict()) >= {"median_s", "min_s", "iqr_s", "stdev_s", "repeats"}
+
+
+def test_time_callable_setup_is_fresh_each_call() -> None:
+    states: list[list[int]] = []
+
+    def setup() -> list[int]:
+        state: list[int] = []
+        states.append(state)
+        return state
+
+    time_callable(lambda s: s.append(1), warmup=1, repeats=3, device="cpu", setup=setup)
+    assert len(states) == 4 and all(s == [1] for s in states)
+
+
+def test_time_callable_single_repeat_and_bad_counts() -> None:
+    timing = time_callable(lambda: None, warmup=0, repeats=1, device="cpu")
+    assert timing.iqr_s == 0.0 and timing.stdev_s == 0.0
+    with pytest.raises(UsageError):
+        time_callable(lambda: None, warmup=0, repeats=0, device="cpu")
+    with pytest.raises(UsageError):
+        time_callable(lambda: None, warmup=-1, repeats=1, device="cpu")
+
+
+def test_time_callable_synchronises_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    time_callable(lambda: None, warmup=1, repeats=2, device="cuda")
+    # Before and after every call, warm-up included.
+    assert len(synced) == 6
+    synced.clear()
+    time_callable(lambda: None, warmup=1, repeats=2, device="cpu")
+    assert synced == []
+
+
+# --------------------------------------------------------------------------- whole model
+
+
+def test_model_against_itself_is_within_noise(llama: LlamaForCausalLM, one_thread: None) -> None:
+    """Timing a model against itself must give ratios near 1.
+
+    The bounds are wide for a shared CPU; other developers' jobs can stall one window,
+    so up to three attempts are made and one must fall inside. A systematic error (e.g.
+    the two calls timing different work) fails all of them.
+    """
+    kwargs = dict(batch=2, seqlen=48, decode_tokens=6, kv_len=48, warmup=2, repeats=41)
+    attempts: list[dict[str, float]] = []
+    for _ in range(3):
+        dense = time_model(llama, **kwargs)
+        again = time_model(llama, **kwargs)
+        ratios = compare_to_dense(dense, again)
+        attempts.append(ratios)
+        if all(0.7 <= ratios[k] <= 1.4 for k in ("prefill_s_ratio", "prefill_speedup", "decode_s_per_token_ratio", "decode_speedup")):
+            break
+    else:
+        pytest.fail(f"self-comparison ratios outside [0.7, 1.4] in every attempt: {attempts}")
+    assert ratios["weight_bytes_ratio"] == 1.0
+
+
+def test_time_model_result_and_cache_growth(llama: LlamaForCausalLM) -> None:
+    result = time_model(llama, batch=1, seqlen=16, decode_tokens=4, kv_len=20, warmup=0, repeats=2, device="cpu")
+    assert result["decode_cache_tokens_after"] == 20 + 4
+    assert result["prefill_s"] > 0 and result["decode_s_per_token"] > 0
+    assert result["decode_tokens_per_s"] == pytest.approx(4 / result["decode"]["median_s"])
+    assert result["prefill_tokens_per_s"] == pytest.approx(16 / result["prefill_s"])
+    assert result["weight_bytes"] == weight_bytes(llama)
+    settings = result["settings"]
+    assert settings["kv_len"] == 20 and settings["decode_tokens"] == 4 and settings["vocab_size"] == 256
+    assert settings["last_logits_only"] is True and settings["threads"] == torch.get_num_threads()
+    assert llama.training is False
+
+
+def test_time_model_decode_feeds_the_cache_back(llama: LlamaForCausalLM) -> None:
+    """Every decode step is one new token whose cache already holds all earlier ones."""
+    seen: list[tuple[int, int]] = []
+    original = llama.forward
+
+    @functools.wraps(original)  # keeps the signature, so time_model passes `cache=`
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen.append((kwargs["input_ids"].shape[1], cache_length(cache)))
+        return original(*args, **kwargs)
+
+    llama.forward = spy  # instance attribute: the module's __call__ dispatches to it
+    try:
+        time_model(llama, batch=1, seqlen=8, decode_tokens=3, kv_len=10, warmup=0, repeats=1)
+    finally:
+        del llama.forward
+    decode_steps = [s for s in seen if s[0] == 1]
+    # one timed repeat plus the final growth check, 3 steps each
+    assert decode_steps == [(1, 10), (1, 11), (1, 12)] * 2
+
+
+class _NoCacheLM(nn.Module):
+    """A causal LM that ignores the KV cache: decode timings of it would be meaningless."""
+
+    def __init__(self, vocab: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 8)
+        self.head = nn.Linear(8, vocab)
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.head(self.emb(input_ids)), past_key_values=None)
+
+
+def test_time_model_refuses_a_model_that_ignores_the_cache() -> None:
+    with pytest.raises(UsageError, match="KV cache"):
+        time_model(_NoCacheLM(), batch=1, seqlen=4, decode_tokens=2, kv_len=4, warmup=0, repeats=1, vocab_size=32)
+
+
+def test_time_model_bad_arguments(llama: LlamaForCausalLM) -> None:
+    with pytest.raises(UsageError):
+        time_model(llama, batch=0, seqlen=8, decode_tokens=1, kv_len=4, warmup=0, repeats=1)
+    with pytest.raises(UsageError, match="max_position_embeddings"):
+        time_model(llama, batch=1, seqlen=8, decode_tokens=8, kv_len=255, warmup=0, repeats=1)
+    with pytest.raises(UsageError, match="move the model"):
+        time_model(llama, batch=1, seqlen=8, decode_tokens=1, kv_len=4, warmup=0, repeats=1, device="cuda")
+
+
+# --------------------------------------------------------------------------- one layer
+
+
+def test_time_decoder_layer_with_harness_signature() -> None:
+    torch.manual_seed(0)
+    layer = StandInLayer(layer_idx=3)
+    result = time_decoder_layer(layer, HIDDEN, batch=2, seqlen=32, kv_len=40, warmup=1, repeats=3, device="cpu", dtype=torch.float32)
+    assert result["layer_prefill_s"] > 0 and result["layer_decode_s"] > 0
+    assert result["settings"]["layer_idx"] == 3  # found on layer.self_attn
+    assert result["layer_weight_bytes"] == weight_bytes(layer)
+    # Prefill: a fresh cache each call ends at 32. Decode: each step sees 40 + 1.
+    assert set(layer.seen_kv_lengths) == {32, 40, 41}
+    assert layer.seen_kv_lengths.count(40) == 1  # the cache is built once, then copied
+
+
+def test_time_decoder_layer_explicit_layer_idx_must_match_the_cache() -> None:
+    layer = StandInLayer(layer_idx=3)
+    with pytest.raises(UsageError, match="layer_idx 0"):
+        time_decoder_layer(layer, HIDDEN, 1, 8, 8, 0, 1, "cpu", torch.float32, layer_idx=0)
+
+
+def test_time_decoder_layer_refuses_a_layer_that_ignores_the_cache() -> None:
+    with pytest.raises(UsageError, match="KV cache"):
+        time_decoder_layer(StandInLayer(use_cache=False), HIDDEN, 1, 8, 8, 0, 1, "cpu", torch.float32)
+
+
+def test_time_decoder_layer_on_stock_llama_layer(llama: LlamaForCausalLM) -> None:
+    layer = llama.model.layers[1]
+    result = time_decoder_layer(
+        layer, HIDDEN, batch=1, seqlen=16, kv_len=24, warmup=0, repeats=2, device="cpu",
+        dtype=torch.float32, make_inputs=hf_layer_inputs(llama),
+    )
+    assert result["settings"]["layer_idx"] == 1 and result["layer_decode_s"] > 0
+
+
+# --------------------------------------------------------------------------- bytes and ratios
+
+
+def test_weight_bytes_is_sum_of_real_tensors() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).to(torch.float16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    expected = sum(p.numel() * p.element_size() for p in model.parameters())
+    persistent = sum(
+        b.numel() * b.element_size()
+        for m in model.modules()
+        for n, b in m._buffers.items()
+        if b is not None and n not in m._non_persistent_buffers_set
+    )
+    assert weight_bytes(model) == expected + persistent
+
+    module = nn.Linear(4, 3)
+    module.register_buffer("kept", torch.zeros(5, dtype=torch.float64))
+    module.register_buffer("derived", torch.zeros(100), persistent=False)
+    assert weight_bytes(module) == (12 + 3) * 4 + 5 * 8
+
+
+def test_weight_bytes_refuses_meta_tensors() -> None:
+    with torch.device("meta"):
+        module = nn.Linear(4, 4)
+    with pytest.raises(UsageError, match="meta"):
+        weight_bytes(module)
+
+
+def test_compare_to_dense_directions() -> None:
+    settings = {"batch": 1, "seqlen": 8, "decode_tokens": 2, "kv_len": 8, "warmup": 0, "repeats": 1, "device": "cpu", "threads": 1}
+    dense = {"prefill_s": 2.0, "decode_s_per_token": 0.5, "weight_bytes": 1000, "settings": settings}
+    pruned = {"prefill_s": 1.0, "decode_s_per_token": 0.25, "weight_bytes": 600, "settings": dict(settings)}
+    ratios = compare_to_dense(dense, pruned)
+    assert ratios == pytest.approx(
+        {"prefill_s_ratio": 0.5, "prefill_speedup": 2.0, "decode_s_per_token_ratio": 0.5, "decode_speedup": 2.0, "weight_bytes_ratio": 0.6}
+    )
+    layer = compare_to_dense({"layer_prefill_s": 1.0, "layer_decode_s": 1.0}, {"layer_prefill_s": 0.8, "layer_decode_s": 1.25})
+    assert layer == pytest.approx({"layer_prefill_s_ratio": 0.8, "layer_prefill_speedup": 1.25, "layer_decode_s_ratio": 1.25, "layer_decode_speedup": 0.8})
+
+
+def test_compare_to_dense_refuses_different_settings() -> None:
+    a = {"prefill_s": 1.0, "settings": {"batch": 1, "seqlen": 8}}
+    b = {"prefill_s": 1.0, "settings": {"batch": 1, "seqlen": 16}}
+    with pytest.raises(UsageError, match="seqlen"):
+        compare_to_dense(a, b)
+    with pytest.raises(UsageError):
+        compare_to_dense({"other": 1}, {"other": 2})
+
+
+def test_cache_length_reads_any_layer() -> None:
+    cache = DynamicCache()
+    kv = torch.zeros(1, 1, 5, 4)
+    cache.update(kv, kv, 2)  # layers 0 and 1 stay empty, as in a pruned model
+    assert cache_length(cache) == 5 and cache_length(cache, 2) == 5 and cache_length(cache, 0) == 0
+    assert cache_length(None) == 0
