@@ -56,6 +56,11 @@ def _profile_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _spec(args: argparse.Namespace, method: str, sparsity: float):
     from harness.api import RunSpec
 
+    if args.no_zeroshot and args.tasks and args.tasks != "none":
+        raise UsageError("--tasks conflicts with --no-zeroshot")
+    if args.no_zeroshot and args.task_limit is not None:
+        raise UsageError("--limit conflicts with --no-zeroshot")
+
     return RunSpec(
         model=args.model, method=method, sparsity=sparsity, overrides=list(args.overrides), profile=args.profile,
         profile_overrides=_profile_overrides(args), seed=args.seed, device=args.device, dtype=args.dtype,

@@ -158,6 +158,7 @@ class Recipe:
     name: str
     components: dict[str, ComponentRef]
     description: str = ""
+    role: str = "method"  # "method" (compared head to head) or "ablation" (a row of an ablation table)
 
     def to_dict(self) -> dict[str, Any]:
         return {

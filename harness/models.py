@@ -562,6 +562,23 @@ def _load_dir(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
     return model, tokenizer
 
 
+def check_model_name(name_or_path: str) -> None:
+    """The cheap part of ``load_source_model``'s checks, for validating a run before any
+    work: a registered name, an existing path, or something shaped like a hub id."""
+    text = str(name_or_path).strip()
+    if not text:
+        raise UsageError(f"model must be a name or a path; registered models: {_offline_names()}")
+    if MODELS.get(text) or MODELS.get(text.lower()) or Path(text).expanduser().exists():
+        return
+    if _looks_like_path(text):
+        raise UsageError(f"no such file or directory: {text!r}; registered models: {_offline_names()}")
+    if not _HUB_ID.fullmatch(text):
+        raise UsageError(
+            f"unknown model {text!r}: not a registered name ({_offline_names()}), "
+            "an existing path, or a hub id of the form org/name"
+        )
+
+
 def load_source_model(name_or_path: str, device: str = "cpu", dtype: str = "float32") -> SourceModel:
     """Load the dense source model and its tokenizer, in eval mode, on ``device``.
 

@@ -45,13 +45,13 @@ T = TypeVar("T")
 #: does once for all layers (rotary tables, masks) is not charged to the one layer.
 MakeInputs = Callable[[torch.Tensor, torch.Tensor, Any], tuple[tuple[Any, ...], dict[str, Any]]]
 
-#: Latency keys of `time_model` / `time_decoder_layer` results and the speedup name each
-#: gets in `compare_to_dense`.
-LATENCY_KEYS: dict[str, str] = {
-    "prefill_s": "prefill_speedup",
-    "decode_s_per_token": "decode_speedup",
-    "layer_prefill_s": "layer_prefill_speedup",
-    "layer_decode_s": "layer_decode_speedup",
+#: Latency keys of `time_model` / `time_decoder_layer` results, and the names their
+#: ``pruned / dense`` ratio and ``dense / pruned`` speedup get in `compare_to_dense`.
+LATENCY_KEYS: dict[str, tuple[str, str]] = {
+    "prefill_s": ("prefill_latency_ratio", "prefill_speedup"),
+    "decode_s_per_token": ("decode_latency_ratio", "decode_speedup"),
+    "layer_prefill_s": ("layer_prefill_latency_ratio", "layer_prefill_speedup"),
+    "layer_decode_s": ("layer_decode_latency_ratio", "layer_decode_speedup"),
 }
 #: Size keys compared as plain pruned/dense ratios.
 SIZE_KEYS: tuple[str, ...] = ("weight_bytes", "layer_weight_bytes")
@@ -434,6 +434,7 @@ def time_decoder_layer(
     make_inputs: MakeInputs | None = None,
     layer_idx: int | None = None,
     seed: int = 0,
+    expect_cache: bool = True,
 ) -> dict[str, Any]:
     """Time one decoder layer alone: a ``[batch, seqlen]`` prefill and one decode step.
 
@@ -448,8 +449,9 @@ def time_decoder_layer(
     token at position ``kv_len``. The layer's attention writes the cache at its own
     ``layer_idx`` (taken from the layer or ``layer.self_attn`` unless given); the cache
     length there is checked, so a layer that ignores the cache fails loudly instead of
-    timing a decode without context. Hidden states are seeded random normals in
-    ``dtype`` (default: the layer's parameter dtype).
+    timing a decode without context. Pass ``expect_cache=False`` only for a layer that
+    legitimately caches nothing (a pruned layer with no attention heads left). Hidden
+    states are seeded random normals in ``dtype`` (default: the layer's parameter dtype).
     """
     hidden_size = _check_count("hidden_size", hidden_size, 1)
     batch = _check_count("batch", batch, 1)
@@ -479,7 +481,7 @@ def time_decoder_layer(
         base_cache = _new_cache()
         call(build(context, positions(0, kv_len), base_cache))
         held = cache_length(base_cache, idx) if idx is not None else cache_length(base_cache)
-        if held != kv_len:
+        if expect_cache and held != kv_len:
             where = f"at layer_idx {idx}" if idx is not None else "in any layer"
             raise UsageError(
                 f"the layer did not write its KV cache {where}: {held} tokens, expected {kv_len} "
@@ -494,7 +496,7 @@ def time_decoder_layer(
         inputs, cache = decode_setup()
         call(inputs)
         grown = cache_length(cache, idx) if idx is not None else cache_length(cache)
-    if grown != kv_len + 1:
+    if expect_cache and grown != kv_len + 1:
         raise UsageError(f"the decode step did not use the KV cache: it holds {grown} tokens, expected {kv_len + 1}")
 
     return {
@@ -515,7 +517,124 @@ def time_decoder_layer(
             "threads": torch.get_num_threads(),
             "layer_idx": idx,
             "seed": seed,
+            "expect_cache": expect_cache,
         },
+    }
+
+
+def pruned_layer_inputs(model: nn.Module) -> MakeInputs:
+    """A `MakeInputs` for the decoder layers of the harness's pruned-model format.
+
+    It follows the layer's own signature: layers taking ``position_ids`` get the harness
+    signature (`default_layer_inputs`, cache under whichever of ``past_key_values`` /
+    ``cache`` they name); layers taking ``freqs`` get the rotary angles their model
+    computes once per forward (``model.model.rotary_freqs``), untimed like in a real run.
+    """
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None or len(layers) == 0:
+        raise UsageError(f"{type(model).__name__} has no model.layers")
+    params = inspect.signature(layers[0].forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    if "position_ids" in params:
+        mask_kw = "attention_mask" if "attention_mask" in params else "mask"
+
+        def by_positions(h: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (h, pos), {mask_kw: None, cache_kw: cache}
+
+        return by_positions
+    rotary_freqs = getattr(inner, "rotary_freqs", None)
+    if "freqs" in params and rotary_freqs is not None:
+        mask_kw = "mask" if "mask" in params else "attention_mask"
+
+        def by_freqs(h: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (h, rotary_freqs(pos)), {mask_kw: None, cache_kw: cache}
+
+        return by_freqs
+    raise UsageError(f"cannot tell how to call {type(layers[0]).__name__}: its forward takes {list(params)}")
+
+
+def layer_inputs_for(model: nn.Module) -> MakeInputs:
+    """The input builder for ``model``'s decoder layers: pruned format, else stock transformers."""
+    inner = getattr(model, "model", model)
+    if hasattr(inner, "rotary_freqs") or not hasattr(inner, "rotary_emb"):
+        return pruned_layer_inputs(model)
+    return hf_layer_inputs(model)
+
+
+def _attention_heads(layer: nn.Module) -> int | None:
+    heads = getattr(getattr(layer, "self_attn", None), "num_heads", None)
+    return heads if isinstance(heads, int) else None
+
+
+def compare_layers(
+    dense_model: nn.Module,
+    pruned_model: nn.Module,
+    batch: int,
+    seqlen: int,
+    kv_len: int,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: str | torch.device | None = None,
+    decode_tokens: int | None = None,
+    layers: list[int] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time decoder layers of the dense and the pruned model one by one, side by side.
+
+    The paper times one decoder layer alone; after non-uniform pruning no single layer is
+    representative, so by default every layer index is timed (``layers`` picks a
+    subset) and the sums are compared: ``dense`` / ``pruned`` hold the summed
+    ``layer_prefill_s``, ``layer_decode_s`` and ``layer_weight_bytes`` of those layers,
+    ``ratios`` is `compare_to_dense` of the sums (the decoder stack's speedup without
+    embeddings and lm_head), and ``per_layer`` keeps each layer's two timings and ratios.
+    The dense and the pruned layer of one index are timed back to back, so slow drifts
+    in machine load hit both alike. Pass the dense model in the same format as the
+    pruned one (``to_pruned(source)``) so the two run the same layer code.
+    ``decode_tokens`` is accepted so one settings dict serves `time_model` too; one layer
+    decodes a single step. A pruned layer left with no attention heads caches nothing and
+    is timed without expecting a cache.
+    """
+    dense_layers = getattr(getattr(dense_model, "model", dense_model), "layers", None)
+    pruned_layers = getattr(getattr(pruned_model, "model", pruned_model), "layers", None)
+    if dense_layers is None or pruned_layers is None:
+        raise UsageError("both models need model.layers to time decoder layers")
+    if len(dense_layers) != len(pruned_layers):
+        raise UsageError(f"the dense model has {len(dense_layers)} layers, the pruned one {len(pruned_layers)}")
+    chosen = list(range(len(dense_layers))) if layers is None else list(layers)
+    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(dense_layers)]
+    if bad or not chosen:
+        raise UsageError(f"layers must be indices in [0, {len(dense_layers)}), got {layers!r}")
+    hidden = getattr(getattr(dense_model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise UsageError("the dense model has no config.hidden_size")
+    make_dense, make_pruned = layer_inputs_for(dense_model), layer_inputs_for(pruned_model)
+
+    per_layer: list[dict[str, Any]] = []
+    totals = {side: {"layer_prefill_s": 0.0, "layer_decode_s": 0.0, "layer_weight_bytes": 0} for side in ("dense", "pruned")}
+    settings: dict[str, Any] = {}
+    for i in chosen:
+        row: dict[str, Any] = {"layer": i}
+        for side, layer, make in (("dense", dense_layers[i], make_dense), ("pruned", pruned_layers[i], make_pruned)):
+            result = time_decoder_layer(
+                layer, hidden, batch, seqlen, kv_len, warmup, repeats, device,
+                make_inputs=make, layer_idx=None, seed=seed, expect_cache=_attention_heads(layer) != 0,
+            )
+            settings = result.pop("settings")
+            row[side] = result
+            for key in totals[side]:
+                totals[side][key] += result[key]
+        row["ratios"] = compare_to_dense(row["dense"], row["pruned"])
+        per_layer.append(row)
+    settings = {k: v for k, v in settings.items() if k not in ("layer_idx", "expect_cache")}
+    settings["decode_tokens"] = decode_tokens
+    return {
+        "layers": chosen,
+        "dense": totals["dense"],
+        "pruned": totals["pruned"],
+        "ratios": compare_to_dense(totals["dense"], totals["pruned"]),
+        "per_layer": per_layer,
+        "settings": settings,
     }
 
 
@@ -526,8 +645,10 @@ def compare_to_dense(dense_timings: dict[str, Any], pruned_timings: dict[str, An
     """Ratios of a pruned model's timings to the dense model's, for every shared key.
 
     Directions, fixed so tables never need a footnote:
-    - ``<latency>_ratio = pruned / dense`` for ``prefill_s``, ``decode_s_per_token``,
-      ``layer_prefill_s``, ``layer_decode_s``: below 1 means the pruned model is faster;
+    - ``<phase>_latency_ratio = pruned / dense`` (``prefill_latency_ratio`` from
+      ``prefill_s``, ``decode_latency_ratio`` from ``decode_s_per_token``,
+      ``layer_prefill_latency_ratio``, ``layer_decode_latency_ratio``): below 1 means the
+      pruned model is faster;
     - ``<phase>_speedup = dense / pruned`` for the same latencies (``prefill_speedup``,
       ``decode_speedup``, ``layer_prefill_speedup``, ``layer_decode_speedup``): above 1
       means faster; decode speedup equals the tokens/s ratio pruned / dense;
@@ -550,13 +671,13 @@ def compare_to_dense(dense_timings: dict[str, Any], pruned_timings: dict[str, An
         v = d.get(key)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    for key, speedup in LATENCY_KEYS.items():
+    for key, (ratio, speedup) in LATENCY_KEYS.items():
         dense, pruned = number(dense_timings, key), number(pruned_timings, key)
         if dense is None or pruned is None:
             continue
         if dense <= 0 or pruned <= 0:
             raise UsageError(f"{key} must be positive to compare, got dense {dense} and pruned {pruned}")
-        out[f"{key}_ratio"] = pruned / dense
+        out[ratio] = pruned / dense
         out[speedup] = dense / pruned
     for key in SIZE_KEYS:
         dense, pruned = number(dense_timings, key), number(pruned_timings, key)

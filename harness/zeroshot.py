@@ -214,8 +214,11 @@ class ZeroShotResult:
     wall_s: float
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (per-task entries carry split, n and every raw metric)."""
-        return asdict(self)
+        """A JSON-ready dict: ``scores`` (task -> the paper's metric), ``average``, and
+        per-task entries under ``tasks`` carrying split, n, source and every raw metric."""
+        out = asdict(self)
+        out["scores"] = {name: t.score for name, t in self.tasks.items()}
+        return out
 
     def scores(self) -> dict[str, float]:
         """Task name -> the paper's metric, plus ``"average"``."""
@@ -233,8 +236,12 @@ def _lm_eval_version() -> str:
         return str(getattr(lm_eval, "__version__", "unknown"))
 
 
-def _check_args(tasks: list[str] | None, limit: int | None, batch_size: int, max_length: int) -> list[str]:
-    """Validate before any model work, so a typo costs nothing."""
+def check_args(tasks: list[str] | None, limit: int | None, batch_size: int = 16, max_length: int = 2048) -> list[str]:
+    """Validate `evaluate_zeroshot`'s options before any model work, so a typo costs nothing.
+
+    Returns the task names to run (all seven for ``None``); raises `UsageError` naming
+    the valid tasks for an unknown one, and for non-positive or fractional limits.
+    """
     names = list_tasks() if tasks is None else list(tasks)
     if isinstance(tasks, str):
         raise UsageError(f"tasks must be a list of names, not the string {tasks!r}")
@@ -253,6 +260,10 @@ def _check_args(tasks: list[str] | None, limit: int | None, batch_size: int, max
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
         raise UsageError(f"max_length must be a positive integer, got {max_length!r}")
     return names
+
+
+#: Kept for callers written before the name was public.
+_check_args = check_args
 
 
 def _split_of(config: dict[str, Any]) -> str:
@@ -283,13 +294,13 @@ def evaluate_zeroshot(
     ``tasks`` defaults to all seven (``list_tasks()``). ``limit`` caps the items per task
     (lm-eval takes the first ``limit`` documents, so runs are comparable and repeatable);
     ``None`` scores whole splits. ``max_length`` is passed on because lm-eval otherwise
-    falls back to the config's (often 8k) context and left-truncates nothing we control.
+    takes the model config's context (8192 for SmolLM2), not the protocol's length.
     ``offline=True`` reads the local validation splits and keeps the hub switched off;
     ``offline=False`` runs lm-eval's stock tasks from the hub (the ``paper`` profile).
     ``backend="causal"`` lets lm-eval take models whose ``model_type`` it does not know
     (our pruned format). The global RNG state is restored afterwards.
     """
-    names = _check_args(tasks, limit, batch_size, max_length)
+    names = check_args(tasks, limit, batch_size, max_length)
 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

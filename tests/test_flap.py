@@ -140,7 +140,7 @@ def test_al_am_charges_a_kv_head_only_with_its_last_query_head() -> None:
     low, high = torch.full((16,), -5.0), torch.full((16,), 5.0)
     # Heads 0 and 1 (KV group 0) score lowest: removing both frees their KV head too.
     attention = [torch.cat((low, low - 0.1, high, high))]
-    imp = Importance(attention, [torch.linspace(0, 1, 96)])
+    imp = Importance(attention, [torch.ones(96)])  # every channel z = 0, between the heads
     head, kv = 2 * 16 * 64, 2 * 16 * 64
     target = (2 * head + kv) / shape.decoder_params
     alloc = FlapAllocation().allocate_ratios(importance=imp, target=target, shape=shape, params={})
@@ -166,7 +166,10 @@ def test_flap_recipe_end_to_end(kind: str, host: PluginHost, ids: torch.Tensor, 
     run = _run(model, ids, 0.4)
     outcome = prune(run, host.resolve("flap"), host, show_progress=False)
     report = param_report(dense, run.model)
-    assert report["achieved_sparsity"] == pytest.approx(0.4, abs=0.03)
+    # The cut is one threshold on the ranking: within half the largest unit (a query head
+    # with its KV head) of the target, plus the compensation biases.
+    largest = 4 * 16 * 64
+    assert report["achieved_sparsity"] == pytest.approx(0.4, abs=largest / 2 / dense["decoder"] + 0.005)
     assert outcome.allocation.meta["rule"] == "flap-al-am"
     shape = model_shape(run.model)
     assert [l.intermediate for l in shape.layers] == outcome.allocation.meta["kept_channels"]
@@ -187,7 +190,8 @@ def test_flap_layer_components_work_without_global_scores(host: PluginHost, ids:
     dense = param_report(model, model)["dense"]
     run = _run(model, ids, 0.3)
     prune(run, host.resolve("flap", ["importance=none", "allocation=uniform"]), host, show_progress=False)
-    assert param_report(dense, run.model)["achieved_sparsity"] == pytest.approx(0.3, abs=0.05)
+    # Per layer, 4 heads in 2 KV groups: attention ratios come in steps of 1/6 to 1/2.
+    assert param_report(dense, run.model)["achieved_sparsity"] == pytest.approx(0.3, abs=0.1)
 
 
 @pytest.mark.real

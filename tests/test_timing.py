@@ -21,8 +21,11 @@ from harness.errors import UsageError
 from harness.timing import (
     Timing,
     cache_length,
+    compare_layers,
     compare_to_dense,
     hf_layer_inputs,
+    layer_inputs_for,
+    pruned_layer_inputs,
     time_callable,
     time_decoder_layer,
     time_model,
@@ -161,14 +164,14 @@ def test_model_against_itself_is_within_noise(llama: LlamaForCausalLM, one_threa
     so up to three attempts are made and one must fall inside. A systematic error (e.g.
     the two calls timing different work) fails all of them.
     """
-    kwargs = dict(batch=2, seqlen=48, decode_tokens=6, kv_len=48, warmup=2, repeats=41)
+    kwargs = {"batch": 2, "seqlen": 48, "decode_tokens": 6, "kv_len": 48, "warmup": 2, "repeats": 41}
     attempts: list[dict[str, float]] = []
     for _ in range(3):
         dense = time_model(llama, **kwargs)
         again = time_model(llama, **kwargs)
         ratios = compare_to_dense(dense, again)
         attempts.append(ratios)
-        if all(0.7 <= ratios[k] <= 1.4 for k in ("prefill_s_ratio", "prefill_speedup", "decode_s_per_token_ratio", "decode_speedup")):
+        if all(0.7 <= ratios[k] <= 1.4 for k in ("prefill_latency_ratio", "prefill_speedup", "decode_latency_ratio", "decode_speedup")):
             break
     else:
         pytest.fail(f"self-comparison ratios outside [0.7, 1.4] in every attempt: {attempts}")
@@ -270,6 +273,38 @@ def test_time_decoder_layer_on_stock_llama_layer(llama: LlamaForCausalLM) -> Non
     assert result["settings"]["layer_idx"] == 1 and result["layer_decode_s"] > 0
 
 
+def test_compare_layers_on_the_pruned_format(llama: LlamaForCausalLM) -> None:
+    """Dense (converted to the harness format) against itself, layer by layer."""
+    adapters = pytest.importorskip("harness.adapters")
+    dense = adapters.to_pruned(llama).eval()
+    result = compare_layers(dense, dense, batch=1, seqlen=16, kv_len=16, warmup=0, repeats=1, decode_tokens=4)
+    assert result["layers"] == [0, 1] and len(result["per_layer"]) == 2
+    assert result["settings"]["decode_tokens"] == 4 and "layer_idx" not in result["settings"]
+    assert result["ratios"]["layer_weight_bytes_ratio"] == 1.0
+    assert result["dense"]["layer_weight_bytes"] == sum(weight_bytes(layer) for layer in dense.model.layers)
+    assert {"layer_prefill_speedup", "layer_decode_speedup"} <= set(result["ratios"])
+    # A stock model against its converted copy: each side gets its own input builder.
+    mixed = compare_layers(llama, dense, batch=1, seqlen=8, kv_len=8, warmup=0, repeats=1, layers=[1])
+    assert mixed["layers"] == [1] and mixed["per_layer"][0]["layer"] == 1
+    with pytest.raises(UsageError, match="layers"):
+        compare_layers(llama, dense, batch=1, seqlen=8, kv_len=8, warmup=0, repeats=1, layers=[2])
+
+
+def test_layer_inputs_follow_the_layer_signature(llama: LlamaForCausalLM) -> None:
+    pos = torch.arange(4)[None]
+    h = torch.zeros(1, 4, HIDDEN)
+    args, kwargs = layer_inputs_for(llama)(h, pos, None)
+    assert args == (h,) and "position_embeddings" in kwargs  # stock transformers layer
+
+    class Harness(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([StandInLayer()])
+
+    args, kwargs = pruned_layer_inputs(Harness())(h, pos, "C")
+    assert args == (h, pos) and kwargs == {"attention_mask": None, "past_key_values": "C"}
+
+
 # --------------------------------------------------------------------------- bytes and ratios
 
 
@@ -309,10 +344,12 @@ def test_compare_to_dense_directions() -> None:
     pruned = {"prefill_s": 1.0, "decode_s_per_token": 0.25, "weight_bytes": 600, "settings": dict(settings)}
     ratios = compare_to_dense(dense, pruned)
     assert ratios == pytest.approx(
-        {"prefill_s_ratio": 0.5, "prefill_speedup": 2.0, "decode_s_per_token_ratio": 0.5, "decode_speedup": 2.0, "weight_bytes_ratio": 0.6}
+        {"prefill_latency_ratio": 0.5, "prefill_speedup": 2.0, "decode_latency_ratio": 0.5, "decode_speedup": 2.0, "weight_bytes_ratio": 0.6}
     )
     layer = compare_to_dense({"layer_prefill_s": 1.0, "layer_decode_s": 1.0}, {"layer_prefill_s": 0.8, "layer_decode_s": 1.25})
-    assert layer == pytest.approx({"layer_prefill_s_ratio": 0.8, "layer_prefill_speedup": 1.25, "layer_decode_s_ratio": 1.25, "layer_decode_speedup": 0.8})
+    assert layer == pytest.approx(
+        {"layer_prefill_latency_ratio": 0.8, "layer_prefill_speedup": 1.25, "layer_decode_latency_ratio": 1.25, "layer_decode_speedup": 0.8}
+    )
 
 
 def test_compare_to_dense_refuses_different_settings() -> None:

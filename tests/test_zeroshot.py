@@ -21,6 +21,7 @@ from harness.zeroshot import (
     TASKS,
     TASKS_DIR,
     ZeroShotResult,
+    check_args,
     evaluate_zeroshot,
     list_tasks,
     stock_differences,
@@ -126,6 +127,11 @@ def test_bad_batch_and_length() -> None:
         evaluate_zeroshot(None, None, tasks=["arc_easy"], limit=5, max_length=-1)  # type: ignore[arg-type]
 
 
+def test_check_args_defaults_to_all_tasks() -> None:
+    assert check_args(None, None) == PAPER_TASKS
+    assert check_args(["piqa"], 5, 8, 512) == ["piqa"]
+
+
 def test_unknown_task_in_stock_check() -> None:
     with pytest.raises(UsageError, match="valid tasks"):
         stock_differences("lambada")
@@ -185,6 +191,7 @@ def test_dense_smollm2_arc_easy_above_chance_and_repeatable(smollm2: tuple[Any, 
     assert first.to_dict()["tasks"] == second.to_dict()["tasks"]  # identical, metrics and all
 
     record = first.to_dict()
+    assert record["scores"] == {"arc_easy": arc.score} and record["average"] == arc.score
     assert record["lm_eval_version"] == importlib.metadata.version("lm_eval")
     assert record["limit"] == 20 and record["num_fewshot"] == 0 and record["offline"] is True
     entry = record["tasks"]["arc_easy"]

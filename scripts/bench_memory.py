@@ -1,0 +1,75 @@
+"""Benchmark: peak memory (RSS) of pruning SmolLM2-135M with 64 x 512 calibration tokens.
+
+Run in a fresh process per method so each peak is its own (`ru_maxrss` is per process).
+Prints the peak against the 3 GiB budget and against the model's float32 weight size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+GIB = 1024**3
+
+
+def measure(method: str, samples: int, seqlen: int) -> dict:
+    import torch
+
+    from harness.adapters import to_pruned
+    from harness.context import RunContext
+    from harness.data import calibration_batch, load_corpus
+    from harness.manager import PluginHost
+    from harness.models import load_source_model
+    from harness.runner import prune
+
+    host = PluginHost()
+    recipe = host.resolve(method)
+    source = load_source_model("smollm2-135m")
+    model = to_pruned(source.model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in source.model.parameters())
+    del source.model
+    ids = calibration_batch(source.tokenizer, load_corpus("wiki-offline"), samples, seqlen, 0, 8192)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    run = RunContext(model=model, calibration=ids, batch_size=4, device=torch.device("cpu"), seed=0, target=0.3,
+                     cache_parts={"model": "bench", "samples": samples, "seqlen": seqlen}, use_cache=False)
+    prune(run, recipe, host, show_progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method, "peak_rss_gib": peak / GIB, "rss_before_prune_gib": base / GIB,
+            "model_fp32_gib": weight_bytes / GIB, "prune_s": time.perf_counter() - start,
+            "calibration": f"{samples}x{seqlen}"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="wanda-sp")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--budget-gib", type=float, default=3.0)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.samples, args.seqlen)))
+        return 0
+    failed = False
+    for method in args.methods.split(","):
+        out = subprocess.run([sys.executable, __file__, "--one", method, "--samples", str(args.samples),
+                              "--seqlen", str(args.seqlen)], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-2000:])
+            return out.returncode
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        ok = r["peak_rss_gib"] < args.budget_gib
+        failed |= not ok
+        print(f"{method:>12}: peak RSS {r['peak_rss_gib']:.2f} GiB (budget {args.budget_gib} GiB, "
+              f"{'ok' if ok else 'OVER'}); before pruning {r['rss_before_prune_gib']:.2f} GiB; "
+              f"model fp32 {r['model_fp32_gib']:.2f} GiB; prune {r['prune_s']:.0f} s; calibration {r['calibration']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
