@@ -78,7 +78,7 @@ def validate(spec: RunSpec, host: PluginHost) -> tuple[Profile, Any]:
         if source not in sources and not source.startswith("text:"):
             raise UsageError(f"unknown data source {source!r}; valid sources: {', '.join(sources)}, text:PATH")
     if spec.zeroshot and profile.tasks:
-        from harness.zeroshot import _check_args as check_zeroshot_args  # noqa: PLC2701 (renamed at merge)
+        from harness.zeroshot import check_args as check_zeroshot_args
 
         check_zeroshot_args(list(profile.tasks), profile.task_limit, profile.task_batch_size, profile.eval_seqlen)
     from harness.models import check_model_name

@@ -263,7 +263,6 @@ def check_args(tasks: list[str] | None, limit: int | None, batch_size: int = 16,
 
 
 #: Kept for callers written before the name was public.
-_check_args = check_args
 
 
 def _split_of(config: dict[str, Any]) -> str:
