@@ -80,7 +80,7 @@ def validate(spec: RunSpec, host: PluginHost) -> tuple[Profile, Any]:
     if spec.zeroshot and profile.tasks:
         from harness.zeroshot import check_args as check_zeroshot_args
 
-        check_zeroshot_args(list(profile.tasks), profile.task_limit, profile.task_batch_size, profile.eval_seqlen)
+        check_zeroshot_args(list(profile.tasks), profile.task_limit, profile.task_batch_size, profile.task_max_length)
     from harness.models import check_model_name
 
     check_model_name(spec.model)
@@ -115,7 +115,8 @@ def _evaluate(spec, profile, model, tokenizer, windows, show) -> dict[str, Any]:
 
         result = evaluate_zeroshot(
             model, tokenizer, tasks=list(profile.tasks), limit=profile.task_limit,
-            batch_size=profile.task_batch_size, max_length=profile.eval_seqlen, seed=spec.seed,
+            batch_size=profile.task_batch_size, max_length=min(profile.task_max_length, model.config.max_position_embeddings),
+            seed=spec.seed,
         )
         metrics["zeroshot"] = result.to_dict()
     return metrics
@@ -141,7 +142,12 @@ def _timing(spec, profile, source_model, pruned_model) -> dict[str, Any]:
     dense = timing.time_model(source_model, vocab_size=source_model.config.vocab_size, **common)
     pruned = timing.time_model(pruned_model, vocab_size=pruned_model.config.vocab_size, **common)
     dense_layer_model = to_pruned(source_model)
-    layer = timing.compare_layers(dense_layer_model, pruned_model, **common)
+    n_layers = len(pruned_model.model.layers)
+    # One decoder layer alone (the paper's Appendix F), on evenly spaced layers: a
+    # non-uniform allocation makes layers differ, so a few are timed, not just one.
+    count = t.get("layers") or n_layers
+    chosen = sorted({round(i * (n_layers - 1) / max(count - 1, 1)) for i in range(min(count, n_layers))})
+    layer = timing.compare_layers(dense_layer_model, pruned_model, layers=chosen, **common)
     return {
         "dense": dense, "pruned": pruned, "ratios": timing.compare_to_dense(dense, pruned),
         "layer": layer,

@@ -29,6 +29,7 @@ class Profile:
     task_batch_size: int
     batch_size: int
     timing: dict[str, int] = field(default_factory=dict)
+    task_max_length: int = 2048  # zero-shot context limit (prompts are not cut to the perplexity window)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,15 +38,15 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "ci": Profile(
         "ci", "wiki-offline", 8, 256, ("wiki-offline", "books-offline"), 8, 256, SEVEN_TASKS, 20, 16, 4,
-        {"batch": 1, "seqlen": 128, "decode_tokens": 8, "kv_len": 128, "warmup": 1, "repeats": 3},
+        {"batch": 1, "seqlen": 128, "decode_tokens": 8, "kv_len": 128, "warmup": 1, "repeats": 3, "layers": 3},
     ),
     "offline": Profile(
         "offline", "wiki-offline", 64, 512, ("wiki-offline", "books-offline"), 64, 512, SEVEN_TASKS, 100, 16, 4,
-        {"batch": 1, "seqlen": 512, "decode_tokens": 32, "kv_len": 512, "warmup": 2, "repeats": 5},
+        {"batch": 1, "seqlen": 512, "decode_tokens": 32, "kv_len": 512, "warmup": 2, "repeats": 5, "layers": 6},
     ),
     "paper": Profile(
         "paper", "wikitext2", 128, 2048, ("wikitext2",), None, 2048, SEVEN_TASKS, None, 16, 4,
-        {"batch": 1, "seqlen": 2048, "decode_tokens": 128, "kv_len": 2048, "warmup": 3, "repeats": 10},
+        {"batch": 1, "seqlen": 2048, "decode_tokens": 128, "kv_len": 2048, "warmup": 3, "repeats": 10, "layers": 0},
     ),
 }
 
@@ -63,7 +64,7 @@ def with_overrides(profile: Profile, **overrides: Any) -> Profile:
     unknown = set(given) - set(Profile.__dataclass_fields__)
     if unknown:
         raise UsageError(f"unknown profile field(s) {sorted(unknown)}")
-    for key in ("calibration_samples", "calibration_seqlen", "eval_samples", "eval_seqlen", "batch_size", "task_batch_size"):
+    for key in ("calibration_samples", "calibration_seqlen", "eval_samples", "eval_seqlen", "batch_size", "task_batch_size", "task_max_length"):
         if key in given and int(given[key]) < 1:
             raise UsageError(f"{key.replace('_', ' ')} must be at least 1, got {given[key]}")
     if "task_limit" in given and int(given["task_limit"]) <= 0:

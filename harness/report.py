@@ -43,26 +43,29 @@ def _zeroshot_cells(metrics: dict[str, Any]) -> tuple[list[Any], Any]:
 
 
 def _ratio(result: dict[str, Any], key: str) -> Any:
+    """A timing ratio to dense: whole-model keys, or ``layer_*`` keys of the layer timing."""
     inf = (result.get("timings") or {}).get("inference") or {}
-    return (inf.get("ratios") or {}).get(key)
+    ratios = ((inf.get("layer") or {}).get("ratios") if key.startswith("layer_") else inf.get("ratios")) or {}
+    return ratios.get(key)
 
 
 def rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Header and rows of one protocol group: dense once, then method x sparsity."""
     sources = sorted({s for r in results for s in r["metrics"]["pruned"].get("ppl", {})})
     header = ["method", "sparsity", "achieved", *[f"PPL {s}" for s in sources],
-              *[TASK_SHORT[t] for t in TASK_ORDER], "avg acc", "prefill x", "decode x", "prune s"]
+              *[TASK_SHORT[t] for t in TASK_ORDER], "avg acc", "prefill x", "decode x", "layer prefill x", "layer decode x", "prune s"]
     out: list[list[Any]] = []
     if results:
         dense = results[0]["metrics"]["dense"]
         tasks, avg = _zeroshot_cells(dense)
-        out.append(["dense", 0.0, 0.0, *[dense["ppl"].get(s) for s in sources], *tasks, avg, 1.0, 1.0, None])
+        out.append(["dense", 0.0, 0.0, *[dense["ppl"].get(s) for s in sources], *tasks, avg, 1.0, 1.0, 1.0, 1.0, None])
     for r in sorted(results, key=lambda r: (r["sparsity"]["target"], r["recipe"]["name"])):
         m = r["metrics"]["pruned"]
         tasks, avg = _zeroshot_cells(m)
         out.append([r["recipe"]["name"], r["sparsity"]["target"], r["sparsity"]["achieved"],
                     *[m["ppl"].get(s) for s in sources], *tasks, avg,
                     _ratio(r, "prefill_speedup"), _ratio(r, "decode_speedup"),
+                    _ratio(r, "layer_prefill_speedup"), _ratio(r, "layer_decode_speedup"),
                     r["timings"]["stages_s"].get("prune")])
     return header, out
 
