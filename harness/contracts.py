@@ -124,6 +124,7 @@ class Importance:
     attention: list[torch.Tensor]
     mlp: list[torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    attention_channels: list[torch.Tensor] | None = None  # optional: one score per o_proj input channel
 
 
 @dataclass

@@ -139,7 +139,8 @@ class PrunedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.to(torch.float32)
+        # float32 at least (as the stock norms), float64 when given: exactness checks need it.
+        h = x.to(torch.promote_types(dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.norm_dim + self.eps)
         h = h.to(dtype)
         return h if self.weight is None else self.weight * h
