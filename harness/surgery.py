@@ -238,7 +238,7 @@ def fuse_vo(plan: AttentionPlan, v_basis: torch.Tensor, o_map: torch.Tensor | No
     if g_heads != plan.num_kv_heads or v_old != plan.v_dim:
         raise ValueError(f"v_basis must be [{plan.num_kv_heads}, {plan.v_dim}, p], got {tuple(v_basis.shape)}")
     wv = _dense(plan.v, "v").reshape(g_heads, v_old, -1)
-    basis = v_basis.to(wv.dtype)
+    basis = v_basis.to(dtype=wv.dtype, device=wv.device)
     new_v = torch.einsum("gvp,gvd->gpd", basis, wv).reshape(g_heads * p, -1)
     new_vb = None
     if plan.v.bias is not None:
@@ -248,7 +248,7 @@ def fuse_vo(plan: AttentionPlan, v_basis: torch.Tensor, o_map: torch.Tensor | No
         o_map = torch.block_diag(*[basis[g].T for g in plan.head_to_kv]) if heads else torch.zeros(0, 0)
     if tuple(o_map.shape) != (heads * p, heads * v_old):
         raise ValueError(f"o_map must be [{heads * p}, {heads * v_old}], got {tuple(o_map.shape)}")
-    new_o = _dense(plan.o, "o") @ o_map.to(wv.dtype).T
+    new_o = _dense(plan.o, "o") @ o_map.to(dtype=wv.dtype, device=wv.device).T
     return replace(
         plan,
         v_dim=p,

@@ -11,6 +11,16 @@ from plugins.global_allocation import GlobalAllocation, global_allocation, remov
 from plugins.intraslice import ablation_labels, ablation_recipes
 from plugins.mask_grad import ChannelImportance
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded 2-core box OpenMP's
+    spin-waiting makes every small op slow (seconds instead of milliseconds)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 PARAMS = dict(GlobalAllocation.defaults)
 
 
