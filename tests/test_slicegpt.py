@@ -128,9 +128,9 @@ def test_width_is_nearest_to_the_parameter_target(host: PluginHost, ids: torch.T
     dense = to_pruned(tiny_model("llama-mha"))
     total = decoder_params(dense)
     width = width_for_sparsity(dense, 0.3, 8)
-    gap = lambda w: abs(1 - sliced_decoder_params(dense, w) / total - 0.3)  # noqa: E731
+    gap = lambda w: abs(1 - sliced_decoder_params(dense, w) / total - 0.3)
     assert width % 8 == 0 and all(gap(width) <= gap(w) for w in range(8, 65, 8))
-    sliced, summary = _slice(host, dense, ids, 0.3)
+    _, summary = _slice(host, dense, ids, 0.3)
     assert summary["width"] == width and summary["slicing"] == pytest.approx(1 - width / 64)
     assert summary["parameter_sparsity"] == pytest.approx(0.3, abs=0.05)
 
@@ -160,7 +160,8 @@ def test_smollm2_small_slice(host: PluginHost) -> None:
     src = load_source_model("smollm2-135m")
     corpus = load_corpus("wiki-offline")
     maxpos = src.model.config.max_position_embeddings
-    calib = calibration_batch(src.tokenizer, corpus, 4, 128, 0, maxpos)
+    # PCA of a 576-wide residual stream needs more calibration tokens than its width.
+    calib = calibration_batch(src.tokenizer, corpus, 8, 256, 0, maxpos)
     windows = evaluation_windows(src.tokenizer, corpus, 4, 128, maxpos)
     dense = to_pruned(src.model)
     dense_ppl = perplexity(dense, windows, 4).ppl
