@@ -52,7 +52,12 @@ def ablation_labels() -> dict[str, str]:
 def recipes() -> list[Recipe]:
     """The recipes as data (defaults of every component are filled in by the host)."""
     return [
-        Recipe(name, {kind: ComponentRef(comp) for kind, comp in comps.items()}, _DESCRIPTIONS[name])
+        Recipe(
+            name,
+            {kind: ComponentRef(comp) for kind, comp in comps.items()},
+            _DESCRIPTIONS[name],
+            role="method" if name == "intraslice" else "ablation",
+        )
         for name, _, comps in ABLATION
     ]
 
