@@ -161,20 +161,20 @@ def test_model_against_itself_is_within_noise(llama: LlamaForCausalLM, one_threa
     """Timing a model against itself must give ratios near 1.
 
     The bounds are wide for a shared CPU; other developers' jobs can stall one window,
-    so up to three attempts are made and one must fall inside. A systematic error (e.g.
+    so up to five attempts are made and one must fall inside. A systematic error (e.g.
     the two calls timing different work) fails all of them.
     """
     kwargs = {"batch": 2, "seqlen": 48, "decode_tokens": 6, "kv_len": 48, "warmup": 2, "repeats": 41}
     attempts: list[dict[str, float]] = []
-    for _ in range(3):
+    for _ in range(5):
         dense = time_model(llama, **kwargs)
         again = time_model(llama, **kwargs)
         ratios = compare_to_dense(dense, again)
         attempts.append(ratios)
-        if all(0.7 <= ratios[k] <= 1.4 for k in ("prefill_latency_ratio", "prefill_speedup", "decode_latency_ratio", "decode_speedup")):
+        if all(0.6 <= ratios[k] <= 1.6 for k in ("prefill_latency_ratio", "prefill_speedup", "decode_latency_ratio", "decode_speedup")):
             break
     else:
-        pytest.fail(f"self-comparison ratios outside [0.7, 1.4] in every attempt: {attempts}")
+        pytest.fail(f"self-comparison ratios outside [0.6, 1.6] in every attempt: {attempts}")
     assert ratios["weight_bytes_ratio"] == 1.0
 
 
