@@ -92,7 +92,10 @@ def print_rich(results: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import sys
+
+    # A log file or CI has no terminal width; the Table-1 layout needs ~200 columns.
+    console = Console(width=None if sys.stdout.isatty() else 220)
     for pid, group in group_by_protocol(results).items():
         header, body = rows(group)
         table = Table(title=f"protocol {pid}", caption=describe_protocol(group[0]))

@@ -16,11 +16,12 @@ from harness.grid import run_grid
 from harness.manager import PluginHost
 from harness.report import markdown, print_rich
 
-# Measured on the 2-core CPU of these machines (see results/README.md): one grid cell of
-# this profile (prune + perplexity + 3 zero-shot tasks x 20 items + timing), and the
-# dense evaluation done once per grid.
-SECONDS_PER_CELL = 75
-SECONDS_DENSE = 60
+# Measured on the 2-core CPU of these machines with a second job running (load ~4):
+# `python scripts/demo.py --methods wanda-sp --sparsities 0.2` spent 162 s on the dense
+# evaluation (done once per grid) and 236 s on the cell (prune 46 s, evaluation 144 s,
+# timing 41 s). Methods with a gradient stage or iterative fitting take longer.
+SECONDS_PER_CELL = 236
+SECONDS_DENSE = 162
 
 
 def main() -> int:
