@@ -329,17 +329,15 @@ def prunebench_components() -> list[Component]:
 
 @hookimpl
 def prunebench_recipes() -> list[Recipe]:
-    # Once plugins/mask_grad.py provides `mask-grad`, the recipe becomes
-    # importance=mask-grad, allocation=sobp-global (see the module docstring).
     return [
         Recipe(
             "sobp",
             {
-                "importance": ComponentRef("none"),
-                "allocation": ComponentRef("uniform"),
+                "importance": ComponentRef("mask-grad"),
+                "allocation": ComponentRef("sobp-global"),
                 "attention": ComponentRef("sobp"),
                 "ffn": ComponentRef("sobp"),
             },
-            "SoBP-style local structured OBS (Wei et al. 2024); uniform ratios until mask-grad exists.",
+            "SoBP-style (Wei et al. 2024): mask-gradient importance, joint head/neuron allocation, local structured OBS.",
         )
     ]
