@@ -285,10 +285,9 @@ def test_sobp_global_end_to_end_with_synthetic_importance(host: PluginHost) -> N
     assert decoder_params(model) < decoder_params(dense)
 
 
-def test_sobp_global_with_mask_grad_when_available(host: PluginHost) -> None:
-    """The intended SoBP recipe: mask-grad importance + sobp-global + local OBS."""
-    if "mask-grad" not in host.names("importance"):
-        pytest.skip("mask-grad importance not installed yet")
+def test_sobp_global_with_mask_grad(host: PluginHost) -> None:
+    """The SoBP recipe: mask-grad importance + sobp-global + local OBS."""
+    assert host.resolve("sobp").components["importance"].name == "mask-grad"
     dense = to_pruned(tiny_model("llama-gqa"))
     model = to_pruned(tiny_model("llama-gqa"))
     ids = calibration()
