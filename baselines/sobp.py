@@ -32,6 +32,12 @@ For heads, the greedy order is computed over all heads and handed to
 for the whole removed set from the original weights, which equals the sequential greedy
 updates (OBS removals compose).
 
+Recipe ``sobp``: importance ``mask-grad`` + allocation ``sobp-global`` + attention and FFN
+``sobp``; ``--set importance=none --set allocation=uniform`` gives the local step alone
+at a uniform ratio (the ablation of the global stage). ``mask-grad`` scores a head as the sum of its o_proj channels' squared mask gradients,
+not the squared gradient of one head mask (Kwon et al.'s Fisher); ``sobp-global`` takes
+either (per-channel scores are summed per head).
+
 Departure: the paper reconstructs each module after selection ("module-wise
 reconstruction"); here the OBS update itself is that reconstruction (it is the
 least-squares optimum of the kept columns for the module's output on the calibration

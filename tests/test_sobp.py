@@ -10,7 +10,6 @@ import torch
 
 from baselines.sobp import (
     SobpAttention,
-    SobpFFN,
     block_scores,
     greedy_channels,
     obs_inverse_hessian,
@@ -71,7 +70,7 @@ def calibration(n: int = 8, length: int = 32) -> torch.Tensor:
 def layer_context(kind: str) -> LayerContext:
     model = to_pruned(tiny_model(kind))
     ids = calibration()
-    run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3)
+    run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3, use_cache=False)
     n = len(model.model.layers)
     return LayerContext(run, 0, embed(model, ids, 4, CPU), None, Allocation([0.3] * n, [0.3] * n))
 
@@ -196,7 +195,7 @@ def test_sobp_prunes_tiny_models(host: PluginHost, kind: str) -> None:
     dense = to_pruned(tiny_model(kind))
     model = to_pruned(tiny_model(kind))
     ids = calibration()
-    run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3)
+    run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3, use_cache=False)
     prune(run, host.resolve("sobp"), host, show_progress=False)
     assert 0.25 <= param_report(dense, model)["achieved_sparsity"] <= 0.36
     with torch.no_grad():
@@ -277,7 +276,7 @@ def test_sobp_global_end_to_end_with_synthetic_importance(host: PluginHost) -> N
     dense = to_pruned(tiny_model("llama-gqa"))
     model = to_pruned(tiny_model("llama-gqa"))
     ids = calibration()
-    run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3)
+    run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3, use_cache=False)
     recipe = host.resolve("sobp", ["importance=test-synthetic", "allocation=sobp-global"])
     outcome = prune(run, recipe, host, show_progress=False)
     assert outcome.allocation.mlp[1] > outcome.allocation.mlp[0]  # the unimportant layer is cut more
@@ -306,7 +305,7 @@ def test_obs_beats_plain_removal_on_smollm2() -> None:
     source = load_source_model("smollm2-135m")
     model = to_pruned(source.model)
     ids = calibration_batch(source.tokenizer, load_corpus("wiki-offline"), 4, 128, seed=0)
-    run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3)
+    run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3, use_cache=False)
     n = len(model.model.layers)
     ctx = LayerContext(run, 0, embed(model, ids, 4, CPU), None, Allocation([0.3] * n, [0.3] * n))
     reference = ctx.capture("mlp_out")
