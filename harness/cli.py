@@ -1,4 +1,4 @@
-"""``prunebench``: list, run, compare, report.
+"""``prunebench``: list, run, compare, ablate, report.
 
 Bad input exits with status 2 and one line on stderr, before anything is computed or
 written (``UsageError``); other failures exit 1 with the error.
@@ -53,7 +53,7 @@ def _profile_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return over
 
 
-def _spec(args: argparse.Namespace, method: str, sparsity: float):
+def _spec(args: argparse.Namespace, method: str, sparsity: float, extra_overrides: list[str] | None = None):
     from harness.api import RunSpec
 
     if args.no_zeroshot and args.tasks and args.tasks != "none":
@@ -62,7 +62,8 @@ def _spec(args: argparse.Namespace, method: str, sparsity: float):
         raise UsageError("--limit conflicts with --no-zeroshot")
 
     return RunSpec(
-        model=args.model, method=method, sparsity=sparsity, overrides=list(args.overrides), profile=args.profile,
+        model=args.model, method=method, sparsity=sparsity, overrides=[*args.overrides, *(extra_overrides or [])],
+        profile=args.profile,
         profile_overrides=_profile_overrides(args), seed=args.seed, device=args.device, dtype=args.dtype,
         zeroshot=not args.no_zeroshot and args.tasks != "none", timing=not args.no_timing,
         save_dir=getattr(args, "save", None), use_cache=not args.no_cache,
@@ -146,6 +147,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from harness.ablation import ablation_rows, ablation_specs, ablation_table
+    from harness.grid import run_grid
+    from harness.manager import PluginHost
+
+    host = PluginHost()
+    rows = ablation_rows(host, args.method, uniform=not args.no_uniform)
+    sparsities = _parse_sparsities(args.sparsity)
+    specs = ablation_specs(rows, sparsities, lambda m, s, extra: _spec(args, m, s, extra))
+    results = run_grid(specs, args.results, show_progress=not args.quiet, host=host)
+    table = ablation_table(rows, sparsities, results, base_overrides=args.overrides)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table + "\n")
+        print(f"markdown: {args.markdown}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import markdown, plots, print_rich
     from harness.results import load_results
@@ -184,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--markdown", help="also write the markdown table here")
     _add_protocol_args(cmp_)
     cmp_.set_defaults(func=cmd_compare)
+
+    abl = sub.add_parser("ablate", help="a method's cumulative ablation rows (a paper's ablation table), resumable")
+    abl.add_argument("--method", required=True, help="a method that declares ablation rows (e.g. intraslice)")
+    abl.add_argument("--sparsity", "--sparsities", dest="sparsity", required=True, help="comma-separated, e.g. 0.2,0.3")
+    abl.add_argument("--no-uniform", action="store_true",
+                     help="leave out the row with the method's components at uniform ratios")
+    abl.add_argument("--markdown", help="also write the ablation table here")
+    _add_protocol_args(abl)
+    abl.set_defaults(func=cmd_ablate)
 
     rep = sub.add_parser("report", help="tables and plots from result files")
     rep.add_argument("paths", nargs="+", help="result files or folders")

@@ -154,12 +154,16 @@ class Recipe:
     """A method as data: one component of each kind, with parameters.
 
     An ablation is the same recipe with one component swapped (``--set attention=NAME``).
+    A method may also declare its cumulative ablation, as in a paper's ablation table:
+    ``ablation_rows`` lists (row label, recipe name) from the most naive row to the method
+    itself; ``prunebench ablate`` runs and tabulates them without knowing the method.
     """
 
     name: str
     components: dict[str, ComponentRef]
     description: str = ""
     role: str = "method"  # "method" (compared head to head) or "ablation" (a row of an ablation table)
+    ablation_rows: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {

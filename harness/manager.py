@@ -54,6 +54,9 @@ class PluginHost:
                 self.recipes[recipe.name] = recipe
         for recipe in self.recipes.values():
             self.resolve(recipe.name)  # a recipe naming a missing component fails here, at start-up
+            for label, row in recipe.ablation_rows:
+                if row not in self.recipes:
+                    raise ValueError(f"method {recipe.name!r}: ablation row {label!r} names unknown method {row!r}")
         self.pm.check_pending()
 
     def _add_component(self, component: Component) -> None:

@@ -57,6 +57,7 @@ def recipes() -> list[Recipe]:
             {kind: ComponentRef(comp) for kind, comp in comps.items()},
             _DESCRIPTIONS[name],
             role="method" if name == "intraslice" else "ablation",
+            ablation_rows=tuple((label, row) for row, label, _ in ABLATION) if name == "intraslice" else (),
         )
         for name, _, comps in ABLATION
     ]

@@ -1,7 +1,9 @@
 """Benchmark: peak memory (RSS) of pruning SmolLM2-135M with 64 x 512 calibration tokens.
 
 Run in a fresh process per method so each peak is its own (`ru_maxrss` is per process).
-Prints the peak against the 3 GiB budget and against the model's float32 weight size.
+Prints the peak against the budget (3 GiB by default) and against the model's float32
+weight size. ``--stage importance`` runs only the method's importance stage (for
+mask-gradient importance: the backward pass, whose budget is 6 GiB), uncached.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 GIB = 1024**3
 
 
-def measure(method: str, samples: int, seqlen: int) -> dict:
+def measure(method: str, samples: int, seqlen: int, stage: str = "prune") -> dict:
     import torch
 
     from harness.adapters import to_pruned
@@ -37,11 +39,14 @@ def measure(method: str, samples: int, seqlen: int) -> dict:
     start = time.perf_counter()
     run = RunContext(model=model, calibration=ids, batch_size=4, device=torch.device("cpu"), seed=0, target=0.3,
                      cache_parts={"model": "bench", "samples": samples, "seqlen": seqlen}, use_cache=False)
-    prune(run, recipe, host, show_progress=False)
+    if stage == "importance":
+        host.call("importance", recipe.components["importance"], run=run)
+    else:
+        prune(run, recipe, host, show_progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"method": method, "peak_rss_gib": peak / GIB, "rss_before_prune_gib": base / GIB,
             "model_fp32_gib": weight_bytes / GIB, "prune_s": time.perf_counter() - start,
-            "calibration": f"{samples}x{seqlen}"}
+            "calibration": f"{samples}x{seqlen}", "stage": stage}
 
 
 def main() -> int:
@@ -50,15 +55,17 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--budget-gib", type=float, default=3.0)
+    parser.add_argument("--stage", choices=("prune", "importance"), default="prune",
+                        help="measure the whole pruning, or only the importance (gradient) stage")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.samples, args.seqlen)))
+        print(json.dumps(measure(args.one, args.samples, args.seqlen, args.stage)))
         return 0
     failed = False
     for method in args.methods.split(","):
         out = subprocess.run([sys.executable, __file__, "--one", method, "--samples", str(args.samples),
-                              "--seqlen", str(args.seqlen)], capture_output=True, text=True)
+                              "--seqlen", str(args.seqlen), "--stage", args.stage], capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-2000:])
             return out.returncode
@@ -67,7 +74,7 @@ def main() -> int:
         failed |= not ok
         print(f"{method:>12}: peak RSS {r['peak_rss_gib']:.2f} GiB (budget {args.budget_gib} GiB, "
               f"{'ok' if ok else 'OVER'}); before pruning {r['rss_before_prune_gib']:.2f} GiB; "
-              f"model fp32 {r['model_fp32_gib']:.2f} GiB; prune {r['prune_s']:.0f} s; calibration {r['calibration']}")
+              f"model fp32 {r['model_fp32_gib']:.2f} GiB; {r['stage']} {r['prune_s']:.0f} s; calibration {r['calibration']}")
     return 1 if failed else 0
 
 
