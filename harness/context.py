@@ -90,6 +90,18 @@ def _site_hooks(layer: PrunedDecoderLayer) -> dict[str, tuple[nn.Module, str, Ca
     }
 
 
+ATTENTION_SITES = ("layer_in", "attn_in", "q_out", "k_out", "v_out", "o_in", "attn_out")
+"""Sites computed before the MLP: collecting only these need not run the rest of the layer."""
+
+
+class _LayerStopped(Exception):
+    """Raised by a hook to end a layer's forward once the requested statistics are taken."""
+
+
+def _stop_layer(module: nn.Module, args: Any, output: Any) -> None:
+    raise _LayerStopped
+
+
 def _normalise(sites: Mapping[str, bool] | Iterable[str]) -> dict[str, bool]:
     wanted = dict(sites) if isinstance(sites, Mapping) else {s: False for s in sites}
     unknown = set(wanted) - set(SITES)
@@ -141,6 +153,7 @@ class LayerContext:
 
     @torch.no_grad()
     def _run_with_hooks(self, layer: PrunedDecoderLayer, sites: Iterable[str], sink: Callable[[str, torch.Tensor], None]) -> None:
+        sites = list(sites)
         table = _site_hooks(layer)
         handles = []
         for site in sites:
@@ -149,8 +162,22 @@ class LayerContext:
                 handles.append(module.register_forward_pre_hook(lambda m, a, s=site, p=pick: sink(s, p(a, None))))
             else:
                 handles.append(module.register_forward_hook(lambda m, a, o, s=site, p=pick: sink(s, p(a, o))))
+        # Statistics of the attention half only: stop each batch once attention has run
+        # (registered last, so the sinks of the same module fire first). The MLP is most of
+        # a layer's cost, and attention compressors collect before the MLP is touched.
+        stop_early = bool(sites) and set(sites) <= set(ATTENTION_SITES)
+        if stop_early:
+            handles.append(layer.self_attn.register_forward_hook(_stop_layer))
         try:
-            run_layer(layer, self.model, self.inputs, self.run.batch_size)
+            if stop_early:
+                freqs = self.model.model.rotary_freqs(position_ids(self.inputs.shape[1], self.inputs.device))
+                for s in range(0, self.inputs.shape[0], self.run.batch_size):
+                    try:
+                        layer(self.inputs[s : s + self.run.batch_size], freqs)
+                    except _LayerStopped:
+                        pass
+            else:
+                run_layer(layer, self.model, self.inputs, self.run.batch_size)
         finally:
             for h in handles:
                 h.remove()
