@@ -140,11 +140,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not methods:
         raise UsageError("--methods is empty: a grid needs at least one method")
     specs = [_spec(args, m, s) for m in methods for s in _parse_sparsities(args.sparsities)]
-    results = run_grid(specs, args.results, shard=args.shard, show_progress=not args.quiet)
+    results = run_grid(specs, args.results, shard=args.shard, show_progress=not args.quiet, executor=_executor(args))
     print_rich(results)
     if args.markdown:
         Path(args.markdown).write_text(markdown(results) + "\n")
     return 0
+
+
+def _executor(args: argparse.Namespace):
+    from harness.executors import Resources, make_executor
+
+    if args.workers < 1 or args.cpus_per_task <= 0 or args.gpus_per_task < 0:
+        raise UsageError("--workers and --cpus-per-task must be positive, --gpus-per-task at least 0")
+    resources = Resources(cpus=args.cpus_per_task, gpus=args.gpus_per_task, memory_gb=args.memory_gb_per_task)
+    return make_executor(args.executor, address=args.ray_address, workers=args.workers, resources=resources,
+                         folder=args.slurm_folder, partition=args.slurm_partition)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -202,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--sparsities", required=True, help="comma-separated, e.g. 0.2,0.3")
     cmp_.add_argument("--shard", default="0/1", help="I/N: run every N-th grid cell starting at I")
     cmp_.add_argument("--markdown", help="also write the markdown table here")
+    cmp_.add_argument("--executor", default="local", help="local (this process) | ray | slurm")
+    cmp_.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
+    cmp_.add_argument("--workers", type=int, default=2, help="parallel cells on a local Ray instance")
+    cmp_.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs each cell declares (Ray / Slurm)")
+    cmp_.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs each cell declares (Ray / Slurm)")
+    cmp_.add_argument("--memory-gb-per-task", type=float, help="memory each cell declares (Ray / Slurm)")
+    cmp_.add_argument("--slurm-partition", help="Slurm partition (--executor slurm)")
+    cmp_.add_argument("--slurm-folder", default="runs/slurm", help="submitit's log and pickle folder")
     _add_protocol_args(cmp_)
     cmp_.set_defaults(func=cmd_compare)
 
