@@ -166,7 +166,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     rows = ablation_rows(host, args.method, uniform=not args.no_uniform)
     sparsities = _parse_sparsities(args.sparsity)
     specs = ablation_specs(rows, sparsities, lambda m, s, extra: _spec(args, m, s, extra))
-    results = run_grid(specs, args.results, show_progress=not args.quiet, host=host)
+    results = run_grid(specs, args.results, shard=args.shard, show_progress=not args.quiet, host=host)
     table = ablation_table(rows, sparsities, results, base_overrides=args.overrides)
     print(table)
     if args.markdown:
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--no-uniform", action="store_true",
                      help="leave out the row with the method's components at uniform ratios")
     abl.add_argument("--markdown", help="also write the ablation table here")
+    abl.add_argument("--shard", default="0/1", help="I/N: run every N-th cell starting at I (the table shows this shard's)")
     _add_protocol_args(abl)
     abl.set_defaults(func=cmd_ablate)
 

@@ -56,6 +56,14 @@ def _run_spec_dict(spec_dict: dict[str, Any]) -> dict[str, Any]:
     return run_experiment(RunSpec(**spec_dict), results_dir=None, show_progress=False)
 
 
+def _read(path: Path) -> dict[str, Any]:
+    import json
+
+    data = json.loads(path.read_text())
+    data["path"] = str(path)
+    return data
+
+
 def _write(result: dict[str, Any], path: Path) -> dict[str, Any]:
     from harness.results import write_result
 
@@ -65,7 +73,9 @@ def _write(result: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 class LocalExecutor:
-    """Cells one after another in this process (``runner`` is replaceable for tests)."""
+    """Cells one after another in this process (``runner`` is replaceable for tests). A cell
+    whose result appeared while earlier cells ran (another process working on the same
+    folder) is read, not rerun."""
 
     def __init__(self, runner: Callable[..., dict[str, Any]] | None = None) -> None:
         self.runner = runner
@@ -74,7 +84,13 @@ class LocalExecutor:
         from harness.api import run_experiment
 
         runner = self.runner or run_experiment
-        return [runner(spec, results_dir=path.parent, host=host, show_progress=show_progress) for spec, path in cells]
+        out = []
+        for spec, path in cells:
+            if path.exists():  # finished meanwhile by another process sharing the folder
+                out.append(_read(path))
+            else:
+                out.append(runner(spec, results_dir=path.parent, host=host, show_progress=show_progress))
+        return out
 
 
 class RayExecutor:

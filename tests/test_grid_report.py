@@ -72,6 +72,24 @@ def test_interrupted_grid_resumes_without_redoing_finished_runs(tmp_path, host):
     assert third.calls == []
 
 
+def test_a_cell_finished_meanwhile_by_another_process_is_read_not_rerun(tmp_path, host):
+    specs = _specs(sparsities=(0.2, 0.3))
+    other = FakeRunner()
+
+    class FinishesTheNextCellToo(FakeRunner):
+        """While running the first cell, 'another process' writes the second one."""
+
+        def __call__(self, spec, results_dir, host, show_progress):
+            if not other.calls:
+                other(specs[1], results_dir, host, show_progress)
+            return super().__call__(spec, results_dir, host, show_progress)
+
+    mine = FinishesTheNextCellToo()
+    results = run_grid(specs, tmp_path, host=host, runner=mine)
+    assert mine.calls == [("wanda-sp", 0.2)] and other.calls == [("wanda-sp", 0.3)]
+    assert [r["sparsity"]["target"] for r in results] == [0.2, 0.3] and "path" in results[1]
+
+
 def test_shards_split_a_grid_and_cover_it_once(tmp_path, host):
     specs = _specs(sparsities=(0.1, 0.2, 0.3, 0.4))
     a, b = FakeRunner(), FakeRunner()
