@@ -605,9 +605,13 @@ def compare_layers(
     bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(dense_layers)]
     if bad or not chosen:
         raise UsageError(f"layers must be indices in [0, {len(dense_layers)}), got {layers!r}")
-    hidden = getattr(getattr(dense_model, "config", None), "hidden_size", None)
-    if not isinstance(hidden, int):
-        raise UsageError("the dense model has no config.hidden_size")
+    # Each side gets inputs of its own residual width: a transform may have narrowed the
+    # residual stream (SliceGPT's sliced hidden size).
+    widths = {}
+    for side, model in (("dense", dense_model), ("pruned", pruned_model)):
+        widths[side] = getattr(getattr(model, "config", None), "hidden_size", None)
+        if not isinstance(widths[side], int):
+            raise UsageError(f"the {side} model has no config.hidden_size")
     make_dense, make_pruned = layer_inputs_for(dense_model), layer_inputs_for(pruned_model)
 
     per_layer: list[dict[str, Any]] = []
@@ -617,7 +621,7 @@ def compare_layers(
         row: dict[str, Any] = {"layer": i}
         for side, layer, make in (("dense", dense_layers[i], make_dense), ("pruned", pruned_layers[i], make_pruned)):
             result = time_decoder_layer(
-                layer, hidden, batch, seqlen, kv_len, warmup, repeats, device,
+                layer, widths[side], batch, seqlen, kv_len, warmup, repeats, device,
                 make_inputs=make, layer_idx=None, seed=seed, expect_cache=_attention_heads(layer) != 0,
             )
             settings = result.pop("settings")

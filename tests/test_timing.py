@@ -367,3 +367,21 @@ def test_cache_length_reads_any_layer() -> None:
     cache.update(kv, kv, 2)  # layers 0 and 1 stay empty, as in a pruned model
     assert cache_length(cache) == 5 and cache_length(cache, 2) == 5 and cache_length(cache, 0) == 0
     assert cache_length(None) == 0
+
+
+def test_compare_layers_feeds_each_side_its_own_residual_width(llama: LlamaForCausalLM) -> None:
+    """SliceGPT narrows the residual stream: its layers take the sliced width, not the dense one."""
+    from harness.adapters import to_pruned
+    from harness.context import RunContext
+    from harness.manager import PluginHost
+    from harness.runner import prune
+
+    dense = to_pruned(llama).eval()
+    host = PluginHost()
+    ids = torch.randint(0, llama.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    run = RunContext(model=to_pruned(llama).eval(), calibration=ids, batch_size=4, device=torch.device("cpu"),
+                     seed=0, target=0.3)
+    prune(run, host.resolve("slicegpt"), host, show_progress=False)
+    assert run.model.config.hidden_size < dense.config.hidden_size
+    result = compare_layers(dense, run.model, batch=1, seqlen=8, kv_len=8, warmup=0, repeats=1, layers=[0])
+    assert result["ratios"]["layer_weight_bytes_ratio"] < 1.0
