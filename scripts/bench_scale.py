@@ -118,6 +118,7 @@ def main() -> int:
     parser.add_argument("--methods", default="wanda-sp,intraslice")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--sizes", help="comma-separated HIDDENxLAYERS (default: the built-in ladder)")
     parser.add_argument("--json", help="write all measurements to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,8 +126,11 @@ def main() -> int:
         hidden, layers, method = args.one.split(":")
         print(json.dumps(measure(Size(int(hidden), int(layers)), method, args.samples, args.seqlen)))
         return 0
+    sizes = SIZES
+    if args.sizes:
+        sizes = tuple(Size(*(int(x) for x in item.split("x"))) for item in args.sizes.split(","))
     rows = []
-    for size in SIZES:
+    for size in sizes:
         for method in args.methods.split(","):
             out = subprocess.run([sys.executable, __file__, "--one", f"{size.hidden}:{size.layers}:{method}",
                                   "--samples", str(args.samples), "--seqlen", str(args.seqlen)],
