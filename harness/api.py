@@ -91,12 +91,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def dense_metrics_key(spec: RunSpec, profile: Profile, fingerprint: str, windows: dict[str, torch.Tensor],
+                      max_positions: int) -> str:
+    """Cache key of the dense model's metrics: everything that can change them (the model,
+    dtype and device type, the perplexity windows, and every zero-shot setting)."""
+    zeroshot = None
+    if spec.zeroshot and profile.tasks:
+        zeroshot = {
+            "tasks": list(profile.tasks), "limit": profile.task_limit, "batch_size": profile.task_batch_size,
+            "max_length": min(profile.task_max_length, max_positions), "seed": spec.seed,
+            "lm_eval": _lm_eval_version(),
+        }
+    return cache_mod.stable_key(
+        "dense-metrics", 2, fingerprint, spec.dtype, torch.device(spec.device).type,
+        {s: (tuple(w.shape), _tensor_digest(w)) for s, w in windows.items()}, zeroshot,
+    )
+
+
 def _dense_metrics(spec, profile, source, tokenizer, dense_model, windows, fingerprint, show) -> dict[str, Any]:
     """Perplexity (and zero-shot) of the dense model, cached by what determines them."""
-    key = cache_mod.stable_key(
-        "dense-metrics", fingerprint, spec.dtype, {s: (w.shape, _tensor_digest(w)) for s, w in windows.items()},
-        profile.tasks if spec.zeroshot else (), profile.task_limit, _lm_eval_version() if spec.zeroshot else None,
-    )
+    key = dense_metrics_key(spec, profile, fingerprint, windows, dense_model.config.max_position_embeddings)
     path = cache_mod.cache_root() / "dense" / f"{key}.json"
     cached = cache_mod.read_json(path) if spec.use_cache else None
     if cached is not None:
