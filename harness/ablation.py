@@ -10,8 +10,9 @@ grid, and the table is rebuilt from the result files.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from tabulate import tabulate
 

@@ -12,9 +12,10 @@ then ``GridFailure`` names every failed cell with its error: nothing is dropped 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from harness.errors import PruneBenchError, UsageError
 
@@ -125,7 +126,7 @@ class RayExecutor:
             for (spec, path), ref in zip(cells, refs):
                 try:
                     out.append(_write(ray.get(ref), path))
-                except Exception as exc:  # a task that failed twice
+                except Exception as exc:  # noqa: BLE001 - any worker error is reported with its cell
                     failures.append((cell_name(spec), _first_line(exc)))
                     out.append(None)
             if failures:
@@ -168,7 +169,7 @@ class SlurmExecutor:
                 try:
                     result = job.result()
                     break
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any job error is retried once, then reported
                     if attempt == 1:
                         failures.append((cell_name(spec), _first_line(exc)))
                     else:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Self
 
 GIB = 1024**3
 
@@ -42,7 +43,7 @@ class RssSampler:
             self.peak = max(self.peak, self.current())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self.start = self.current()
         self._thread.start()
         return self
@@ -68,7 +69,7 @@ class Size:
 
     @property
     def intermediate(self) -> int:
-        return int(round(self.hidden * 8 / 3 / 64)) * 64
+        return round(self.hidden * 8 / 3 / 64) * 64
 
 
 SIZES = (Size(256, 4), Size(512, 4), Size(1024, 4), Size(2048, 2), Size(512, 2), Size(512, 8))
@@ -134,7 +135,7 @@ def main() -> int:
         for method in args.methods.split(","):
             out = subprocess.run([sys.executable, __file__, "--one", f"{size.hidden}:{size.layers}:{method}",
                                   "--samples", str(args.samples), "--seqlen", str(args.seqlen)],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(out.stderr[-2000:])
                 return out.returncode

@@ -9,7 +9,6 @@ than the tolerance (``harness.regression.TOLERANCE``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from dataclasses import asdict
@@ -19,7 +18,16 @@ import torch
 from harness.cache import atomic_write_json
 from harness.manager import PluginHost
 from harness.regression import (
-    EXPECTED_PATH, REAL_MODEL, SPARSITY, TINY_MODELS, TOLERANCE, Protocol, case_key, check, load_expected, methods,
+    EXPECTED_PATH,
+    REAL_MODEL,
+    SPARSITY,
+    TINY_MODELS,
+    TOLERANCE,
+    Protocol,
+    case_key,
+    check,
+    load_expected,
+    methods,
     run_case,
 )
 

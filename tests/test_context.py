@@ -28,7 +28,7 @@ def test_attention_only_collection_skips_the_mlp_and_matches_a_full_pass():
     for kind in ("llama-gqa", "phi3"):
         early, full = _ctx(kind), _ctx(kind)
         calls = []
-        handle = early.layer.mlp.register_forward_pre_hook(lambda m, a: calls.append(1))
+        handle = early.layer.mlp.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
         got = early.collect({"o_in": True, "q_out": False, "attn_out": False})
         handle.remove()
         assert calls == []  # the MLP never ran

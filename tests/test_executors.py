@@ -8,7 +8,13 @@ import pytest
 
 from harness.api import RunSpec
 from harness.errors import UsageError
-from harness.executors import GridFailure, RayExecutor, Resources, SlurmExecutor, make_executor
+from harness.executors import (
+    GridFailure,
+    RayExecutor,
+    Resources,
+    SlurmExecutor,
+    make_executor,
+)
 from harness.grid import run_grid
 from harness.results import load_results
 

@@ -7,7 +7,15 @@ import pytest
 
 from harness.manager import PluginHost
 from harness.regression import (
-    REAL_MODEL, SPARSITY, TINY_MODELS, TOLERANCE, case_key, check, load_expected, methods, run_case,
+    REAL_MODEL,
+    SPARSITY,
+    TINY_MODELS,
+    TOLERANCE,
+    case_key,
+    check,
+    load_expected,
+    methods,
+    run_case,
 )
 
 EXPECTED = load_expected()
