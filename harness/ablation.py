@@ -18,6 +18,7 @@ from tabulate import tabulate
 
 from harness.errors import UsageError
 from harness.manager import PluginHost
+from harness.report import format_cell
 
 UNIFORM_ALLOCATION = "uniform"
 
@@ -73,7 +74,7 @@ def ablation_table(rows: list[AblationRow], sparsities: list[float], results: li
             header.append(f"avg acc @{s:.0%}")
     dense = results[0]["metrics"]["dense"]
     body: list[list[str]] = [["Dense", "-", *(
-        [_fmt(dense["ppl"].get(src)) for src in sources] + ([_fmt((dense.get("zeroshot") or {}).get("average"))]
+        [format_cell(dense["ppl"].get(src)) for src in sources] + ([format_cell((dense.get("zeroshot") or {}).get("average"))]
                                                             if has_zeroshot else [])
     ) * len(sparsities)]]
     for row in rows:
@@ -81,14 +82,9 @@ def ablation_table(rows: list[AblationRow], sparsities: list[float], results: li
         for s in sparsities:
             r = by_cell.get(_cell_key(row.method, [*base_overrides, *row.overrides], s))
             metrics = r["metrics"]["pruned"] if r else {}
-            line += [_fmt(metrics.get("ppl", {}).get(src)) for src in sources]
+            line += [format_cell(metrics.get("ppl", {}).get(src)) for src in sources]
             if has_zeroshot:
-                line.append(_fmt((metrics.get("zeroshot") or {}).get("average")))
+                line.append(format_cell((metrics.get("zeroshot") or {}).get("average")))
         body.append(line)
     return tabulate(body, headers=header, tablefmt="github", disable_numparse=True)
 
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"

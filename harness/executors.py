@@ -57,14 +57,6 @@ def _run_spec_dict(spec_dict: dict[str, Any]) -> dict[str, Any]:
     return run_experiment(RunSpec(**spec_dict), results_dir=None, show_progress=False)
 
 
-def _read(path: Path) -> dict[str, Any]:
-    import json
-
-    data = json.loads(path.read_text())
-    data["path"] = str(path)
-    return data
-
-
 def _write(result: dict[str, Any], path: Path) -> dict[str, Any]:
     from harness.results import write_result
 
@@ -83,12 +75,13 @@ class LocalExecutor:
 
     def run(self, cells, host, show_progress):
         from harness.api import run_experiment
+        from harness.results import read_result
 
         runner = self.runner or run_experiment
         out = []
         for spec, path in cells:
             if path.exists():  # finished meanwhile by another process sharing the folder
-                out.append(_read(path))
+                out.append(read_result(path))
             else:
                 out.append(runner(spec, results_dir=path.parent, host=host, show_progress=show_progress))
         return out

@@ -9,7 +9,6 @@ this process by default, or on Ray / Slurm (``harness.executors``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ def run_grid(specs: list, results_dir: str | Path, shard: str = "0/1", show_prog
     """
     from harness.api import protocol_id, protocol_of, result_path, validate
     from harness.executors import LocalExecutor
+    from harness.results import read_result
 
     if not specs:
         raise UsageError("a grid needs at least one method and one sparsity")
@@ -55,7 +55,5 @@ def run_grid(specs: list, results_dir: str | Path, shard: str = "0/1", show_prog
         if path in missing_paths:
             results.append(next(fresh))
         else:
-            data = json.loads(path.read_text())
-            data["path"] = str(path)
-            results.append(data)
+            results.append(read_result(path))
     return results

@@ -70,7 +70,8 @@ def rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     return header, out
 
 
-def _fmt(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: 3 decimals below 10, 2 above, "-" for a missing value."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -83,7 +84,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for pid, group in group_by_protocol(results).items():
         header, body = rows(group)
         parts.append(f"Protocol `{pid}`: {describe_protocol(group[0])}\n")
-        parts.append(tabulate([[_fmt(c) for c in row] for row in body], headers=header, tablefmt="github"))
+        parts.append(tabulate([[format_cell(c) for c in row] for row in body], headers=header, tablefmt="github"))
         parts.append("")
     return "\n".join(parts)
 
@@ -102,7 +103,7 @@ def print_rich(results: list[dict[str, Any]]) -> None:
         for h in header:
             table.add_column(h, justify="left" if h == "method" else "right")
         for row in body:
-            table.add_row(*[_fmt(c) for c in row])
+            table.add_row(*[format_cell(c) for c in row])
         console.print(table)
 
 

@@ -43,6 +43,13 @@ def write_result(path: Path, result: dict[str, Any]) -> Path:
     return path
 
 
+def read_result(path: str | Path) -> dict[str, Any]:
+    """One result file as a dict, with its ``path`` (how grids pick up finished cells)."""
+    data = json.loads(Path(path).read_text())
+    data["path"] = str(path)
+    return data
+
+
 def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     """Result dicts from files and folders (recursively), each with its ``path``."""
     files: list[Path] = []
