@@ -162,43 +162,40 @@ def _set(linear: nn.Module, proj: Projection) -> None:
             linear.bias.copy_(proj.bias)
 
 
-def to_pruned(model: PreTrainedModel) -> PrunedForCausalLM:
-    """Convert a dense source model into the harness format (a copy; the source is untouched).
+def _layer_spec(w: LayerWeights, shape: AttentionShape) -> dict:
+    return {
+        "attn": {
+            "head_to_kv": [h // (shape.num_heads // shape.num_kv_heads) for h in range(shape.num_heads)],
+            "num_kv_heads": shape.num_kv_heads,
+            "qk_dim": shape.head_dim,
+            "rope_pairs": shape.rotary_dim // 2,
+            "v_dim": shape.head_dim,
+            **{n: linear_spec(getattr(w, n).bias is not None) for n in ("q", "k", "v", "o")},
+        },
+        "mlp": {
+            "intermediate": w.down.weight.shape[1],
+            **{n: linear_spec(getattr(w, n).bias is not None) for n in ("gate", "up", "down")},
+        },
+    }
 
-    At sparsity 0 the result computes the same logits as the source (tested per family).
+
+def pruned_config_for(model: PreTrainedModel) -> PrunedConfig:
+    """The harness-format config of a dense source model.
+
+    Reads only shapes and bias flags, so it works on a source built on the meta device
+    (offloaded pruning reads layers one at a time later, see ``harness.offload``).
     """
     adapter = adapter_for(model)
     config = model.config
     shape = adapter.attention_shape(config)
-    inv_freq, rope_scaling = _static_rope(model)
-    source_layers = model.model.layers
-    specs, weights = [], []
-    for layer in source_layers:
-        w = adapter.read_layer(layer, shape)
-        weights.append(w)
-        specs.append(
-            {
-                "attn": {
-                    "head_to_kv": [h // (shape.num_heads // shape.num_kv_heads) for h in range(shape.num_heads)],
-                    "num_kv_heads": shape.num_kv_heads,
-                    "qk_dim": shape.head_dim,
-                    "rope_pairs": shape.rotary_dim // 2,
-                    "v_dim": shape.head_dim,
-                    **{n: linear_spec(getattr(w, n).bias is not None) for n in ("q", "k", "v", "o")},
-                },
-                "mlp": {
-                    "intermediate": w.down.weight.shape[1],
-                    **{n: linear_spec(getattr(w, n).bias is not None) for n in ("gate", "up", "down")},
-                },
-            }
-        )
-    eps = getattr(config, "rms_norm_eps", 1e-6)
-    pruned_config = PrunedConfig(
+    _, rope_scaling = _static_rope(model)
+    specs = [_layer_spec(adapter.read_layer(layer, shape), shape) for layer in model.model.layers]
+    return PrunedConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=len(specs),
         layers=specs,
-        rms_norm_eps=eps,
+        rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
         hidden_act=config.hidden_act,
         attn_scale=shape.head_dim**-0.5,
         rope_dim=shape.rotary_dim,
@@ -210,24 +207,46 @@ def to_pruned(model: PreTrainedModel) -> PrunedForCausalLM:
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
+
+
+@torch.no_grad()
+def fill_layer(target: nn.Module, source_layer: nn.Module, source: PreTrainedModel) -> None:
+    """Copy one dense source decoder layer into a freshly built harness-format layer."""
+    adapter = adapter_for(source)
+    shape = adapter.attention_shape(source.config)
+    w = adapter.read_layer(source_layer, shape)
+    attn, mlp = target.self_attn, target.mlp
+    for name in ("q", "k", "v", "o"):
+        _set(getattr(attn, f"{name}_proj"), getattr(w, name))
+    for name in ("gate", "up", "down"):
+        _set(getattr(mlp, f"{name}_proj"), getattr(w, name))
+    attn.rope_index.copy_(torch.arange(shape.rotary_dim // 2).expand(shape.num_kv_heads, -1))
+    target.input_layernorm.weight.copy_(w.input_norm)
+    target.post_attention_layernorm.weight.copy_(w.post_attention_norm)
+
+
+@torch.no_grad()
+def fill_outer(target: PrunedForCausalLM, source: PreTrainedModel) -> None:
+    """Copy the embeddings, final norm, lm_head and RoPE frequencies (everything but the layers)."""
+    target.model.embed_tokens.weight.copy_(source.model.embed_tokens.weight)
+    target.model.norm.weight.copy_(source.model.norm.weight)
+    if not target.config.tie_word_embeddings:
+        target.lm_head.weight.copy_(source.lm_head.weight)
+    target.model.inv_freq.copy_(_static_rope(source)[0])
+
+
+def to_pruned(model: PreTrainedModel) -> PrunedForCausalLM:
+    """Convert a dense source model into the harness format (a copy; the source is untouched).
+
+    At sparsity 0 the result computes the same logits as the source (tested per family).
+    """
+    pruned_config = pruned_config_for(model)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     pruned = PrunedForCausalLM(pruned_config).to(dtype=dtype)
-    with torch.no_grad():
-        pruned.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
-        pruned.model.norm.weight.copy_(model.model.norm.weight)
-        if not pruned_config.tie_word_embeddings:
-            pruned.lm_head.weight.copy_(model.lm_head.weight)
-        pruned.model.inv_freq.copy_(inv_freq)
-        for layer, w in zip(pruned.model.layers, weights):
-            attn, mlp = layer.self_attn, layer.mlp
-            for name in ("q", "k", "v", "o"):
-                _set(getattr(attn, f"{name}_proj"), getattr(w, name))
-            for name in ("gate", "up", "down"):
-                _set(getattr(mlp, f"{name}_proj"), getattr(w, name))
-            attn.rope_index.copy_(torch.arange(shape.rotary_dim // 2).expand(shape.num_kv_heads, -1))
-            layer.input_layernorm.weight.copy_(w.input_norm)
-            layer.post_attention_layernorm.weight.copy_(w.post_attention_norm)
+    fill_outer(pruned, model)
+    for layer, source_layer in zip(pruned.model.layers, model.model.layers):
+        fill_layer(layer, source_layer, model)
     if pruned_config.tie_word_embeddings:
         pruned.tie_weights()
     return pruned.to(device).eval()

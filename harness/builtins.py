@@ -18,6 +18,7 @@ class NoTransform(Component):
     """Leave the model as it is before the layer loop."""
 
     kind, name = "transform", "none"
+    streams_layers = True
 
     @hookimpl
     def transform_model(self, run: RunContext, params: dict[str, Any]) -> None:
@@ -28,6 +29,7 @@ class NoImportance(Component):
     """No global scores (components score locally)."""
 
     kind, name = "importance", "none"
+    streams_layers = True
 
     @hookimpl
     def score_importance(self, run: RunContext, params: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""``prunebench``: list, run, compare, ablate, report.
+"""``prunebench``: list, run, compare, ablate, report, offload.
 
 Bad input exits with status 2 and one line on stderr, before anything is computed or
 written (``UsageError``); other failures exit 1 with the error.
@@ -195,6 +195,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_offload(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from harness.data import calibration_batch, evaluation_windows, load_corpus
+    from harness.offload import prune_offloaded
+    from harness.cache import atomic_write_json
+
+    if not Path(args.model).is_dir():
+        raise UsageError(f"--model must be a local checkpoint directory (safetensors), got {args.model!r}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(args.dtype)
+    if dtype is None:
+        raise UsageError(f"--dtype must be float32, bfloat16 or float64, got {args.dtype!r}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    max_pos = AutoConfig.from_pretrained(args.model).max_position_embeddings
+    calibration = calibration_batch(tokenizer, load_corpus(args.calibration), args.calibration_samples,
+                                    args.calibration_seqlen, args.seed, max_pos)
+    windows = None
+    if args.eval != "none":
+        windows = evaluation_windows(tokenizer, load_corpus(args.eval), args.eval_samples, args.eval_seqlen, max_pos)
+    result = prune_offloaded(args.model, args.out, args.method, args.sparsity, calibration, eval_windows=windows,
+                             batch_size=args.batch_size, seed=args.seed, dtype=dtype, overrides=tuple(args.overrides),
+                             show_progress=not args.quiet)
+    text = json.dumps({k: result[k] for k in ("method", "sparsity", "metrics", "seconds", "peak_rss_mb", "output")},
+                      indent=1)
+    print(text)
+    if args.json:
+        atomic_write_json(Path(args.json), json.loads(json.dumps(result, default=str)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunebench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--shard", default="0/1", help="I/N: run every N-th cell starting at I (the table shows this shard's)")
     _add_protocol_args(abl)
     abl.set_defaults(func=cmd_ablate)
+
+    off = sub.add_parser("offload", help="prune a checkpoint on disk layer by layer (models larger than memory)")
+    off.add_argument("--model", required=True, help="local checkpoint directory (safetensors, with its tokenizer)")
+    off.add_argument("--method", required=True)
+    off.add_argument("--sparsity", type=float, required=True)
+    off.add_argument("--out", required=True, help="new directory for the pruned checkpoint")
+    off.add_argument("--set", dest="overrides", action="append", default=[], metavar="KIND=NAME|KIND.PARAM=VALUE")
+    off.add_argument("--calibration", default="wiki-offline", help="calibration data source")
+    off.add_argument("--calibration-samples", type=int, default=16)
+    off.add_argument("--calibration-seqlen", type=int, default=256)
+    off.add_argument("--eval", default="wiki-offline", help="perplexity source ('none' to skip)")
+    off.add_argument("--eval-samples", type=int, default=8)
+    off.add_argument("--eval-seqlen", type=int, default=256)
+    off.add_argument("--batch-size", type=int, default=4)
+    off.add_argument("--seed", type=int, default=0)
+    off.add_argument("--dtype", default="float32", help="compute dtype of the layer being pruned")
+    off.add_argument("--json", help="also write the full result here")
+    off.add_argument("--quiet", action="store_true")
+    off.set_defaults(func=cmd_offload)
 
     rep = sub.add_parser("report", help="tables and plots from result files")
     rep.add_argument("paths", nargs="+", help="result files or folders")

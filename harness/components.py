@@ -6,6 +6,8 @@ from typing import Any, ClassVar
 
 from harness.contracts import COMPONENT_KINDS
 
+WHOLE_MODEL_KINDS = ("transform", "importance")
+
 
 class Component:
     """Subclass it, set ``kind``, ``name`` and ``defaults``, and implement the kind's hook
@@ -16,12 +18,24 @@ class Component:
     kind: ClassVar[str]
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
+    streams_layers: ClassVar[bool | None] = None
+    """Whether the component works when only one decoder layer at a time is in memory
+    (offloaded pruning, ``harness.offload``). ``None`` means the kind's default: the
+    layer-loop kinds (attention, ffn) and allocation see one layer or only shapes, so they
+    do; transform and importance usually run the whole model, so they must opt in
+    (by reading layers through ``run.layers``)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         kind = cls.__dict__.get("kind")
         if kind is not None and kind not in COMPONENT_KINDS:
             raise TypeError(f"{cls.__name__}.kind={kind!r}; must be one of {COMPONENT_KINDS}")
+
+    @property
+    def supports_offload(self) -> bool:
+        if self.streams_layers is not None:
+            return bool(self.streams_layers)
+        return self.kind not in WHOLE_MODEL_KINDS
 
     @property
     def summary(self) -> str:

@@ -9,7 +9,8 @@ the layer changes, so the attention and FFN components of one recipe share a pas
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,6 +22,30 @@ from harness.params import model_shape
 from harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
 from harness.stats import SITES, Moments
 from harness.surgery import build_attention, build_mlp
+
+
+class LayerResidency:
+    """Where the decoder layers live while pruning. This base class: all in memory, so
+    acquiring and releasing a layer do nothing. ``harness.offload.DiskLayers`` keeps them
+    on disk and makes one real at a time; code that walks the layers of the whole model
+    (the layer loop, streamed importance) goes through ``use`` and works with both."""
+
+    offloaded: bool = False
+
+    def acquire(self, model: PrunedForCausalLM, index: int) -> nn.Module:
+        """Make layer ``index`` of ``model`` real (on the run's device) and return it."""
+        return model.model.layers[index]
+
+    def release(self, model: PrunedForCausalLM, index: int, changed: bool = False) -> None:
+        """Done with layer ``index``; ``changed`` means it was compressed and must be kept."""
+
+    @contextmanager
+    def use(self, model: PrunedForCausalLM, index: int, changed: bool = False) -> Iterator[nn.Module]:
+        layer = self.acquire(model, index)
+        try:
+            yield layer
+        finally:
+            self.release(model, index, changed)
 
 
 @dataclass
@@ -38,6 +63,7 @@ class RunContext:
     cache_parts: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str, int], Any] | None = None
     use_cache: bool = True
+    residency: LayerResidency = field(default_factory=LayerResidency)
 
     def shape(self) -> ModelShape:
         return model_shape(self.model)

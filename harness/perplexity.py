@@ -138,8 +138,11 @@ def perplexity(
             total += nll
             if bar is not None:
                 bar.advance(bar.task_ids[0], batch.shape[0])
-    tokens = count * (seqlen - 1)
-    nll_sum = total.item()
+    return result_from_nll(total.item(), count * (seqlen - 1))
+
+
+def result_from_nll(nll_sum: float, tokens: int) -> PerplexityResult:
+    """exp(summed NLL / predicted tokens), inf instead of an overflow."""
     mean = nll_sum / tokens
     ppl = math.exp(mean) if mean < math.log(torch.finfo(torch.float64).max) else math.inf
     return PerplexityResult(ppl=ppl, nll_sum=nll_sum, tokens=tokens)

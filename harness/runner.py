@@ -85,6 +85,7 @@ def prune(run: RunContext, recipe: Recipe, host: PluginHost, show_progress: bool
         layers = model.model.layers
         with progress_bar(f"pruning {len(layers)} layers", len(layers), enabled=show_progress) as advance:
             for index in range(len(layers)):
+                run.residency.acquire(model, index)
                 ctx = LayerContext(run, index, hidden, importance, allocation)
                 note: dict[str, Any] = {"layer": index}
                 plan = host.call("attention", comps["attention"], layer=ctx, ratio=float(allocation.attention[index]))
@@ -96,6 +97,7 @@ def prune(run: RunContext, recipe: Recipe, host: PluginHost, show_progress: bool
                     apply_mlp_plan(model, index, plan)
                     note["ffn"] = plan.summary
                 hidden = ctx.outputs()
+                run.residency.release(model, index, changed=True)
                 if not torch.isfinite(hidden).all():
                     raise FloatingPointError(f"non-finite activations after pruning layer {index}")
                 layer_notes.append(note)

@@ -197,7 +197,15 @@ def causal_lm_loss(
             hidden = checkpoint(layer, hidden, freqs, None, None, use_reentrant=False)
         else:
             hidden = layer(hidden, freqs, None, None)
-    hidden = inner.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
+    return head_loss(model, hidden, ids, use_checkpoint, loss_chunk)
+
+
+def head_loss(
+    model: PrunedForCausalLM, hidden: torch.Tensor, ids: torch.Tensor, use_checkpoint: bool = True, loss_chunk: int = 512
+) -> torch.Tensor:
+    """Mean next-token cross-entropy from the last layer's outputs (final norm, lm_head),
+    the vocabulary projection in token chunks."""
+    hidden = model.model.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
     labels = ids[:, 1:].reshape(-1)
     step = max(1, int(loss_chunk)) if loss_chunk else labels.numel()
     total = hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
@@ -220,8 +228,14 @@ class ChannelMasks:
     tokens twice.
     """
 
-    def __init__(self, model: PrunedForCausalLM, observe: Callable[[str, int, torch.Tensor], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: PrunedForCausalLM,
+        observe: Callable[[str, int, torch.Tensor], None] | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> None:
         self.model = model
+        self.layers = list(range(len(model.model.layers))) if layers is None else list(layers)
         self.observe = observe
         self.observing = False
         self.attention: list[torch.Tensor] = []
@@ -229,7 +243,8 @@ class ChannelMasks:
         self._handles: list[Any] = []
 
     def __enter__(self) -> Self:
-        for index, layer in enumerate(self.model.model.layers):
+        for index in self.layers:
+            layer = self.model.model.layers[index]
             attn, mlp = layer.self_attn, layer.mlp
             dtype = next(attn.o_proj.parameters()).dtype
             device = next(attn.o_proj.parameters()).device
@@ -286,21 +301,27 @@ class _Accumulator:
     """Per-layer float64 accumulators: squared gradients, or block Grams of gradients and
     activations when a PCA basis is wanted for that site."""
 
-    def __init__(self, masks: ChannelMasks, model: PrunedForCausalLM, pca: bool, ffn_block: int) -> None:
+    def __init__(self, widths: Sequence[tuple[int, int, int]], pca: bool, ffn_block: int, device: torch.device) -> None:
+        """``widths``: per layer (attention mask width, v_dim, FFN mask width)."""
         self.pca_attention = pca
         self.pca_mlp = pca and ffn_block > 0
-        self.sq = {site: [torch.zeros(m.numel(), dtype=torch.float64, device=m.device) for m in ms]
-                   for site, ms in (("attention", masks.attention), ("mlp", masks.mlp))}
+        self.sq = {"attention": [torch.zeros(a, dtype=torch.float64, device=device) for a, _, _ in widths],
+                   "mlp": [torch.zeros(m, dtype=torch.float64, device=device) for _, _, m in widths]}
         self.grad_blocks: dict[str, list[BlockMoments]] = {"attention": [], "mlp": []}
         self.act_blocks: dict[str, list[BlockMoments]] = {"attention": [], "mlp": []}
-        for layer, a, m in zip(model.model.layers, masks.attention, masks.mlp):
-            v = max(layer.self_attn.v_dim, 1)
+        for a, v, m in widths:
             if self.pca_attention:
-                self.grad_blocks["attention"].append(BlockMoments(a.numel(), v, a.device))
-                self.act_blocks["attention"].append(BlockMoments(a.numel(), v, a.device))
+                self.grad_blocks["attention"].append(BlockMoments(a, max(v, 1), device))
+                self.act_blocks["attention"].append(BlockMoments(a, max(v, 1), device))
             if self.pca_mlp:
-                self.grad_blocks["mlp"].append(BlockMoments(m.numel(), ffn_block, m.device))
-                self.act_blocks["mlp"].append(BlockMoments(m.numel(), ffn_block, m.device))
+                self.grad_blocks["mlp"].append(BlockMoments(m, ffn_block, device))
+                self.act_blocks["mlp"].append(BlockMoments(m, ffn_block, device))
+
+    @classmethod
+    def for_model(cls, model: PrunedForCausalLM, pca: bool, ffn_block: int, device: torch.device) -> Self:
+        """Sizes read from the modules (works on meta layers too: only shapes are used)."""
+        widths = [(l.self_attn.num_heads * l.self_attn.v_dim, l.self_attn.v_dim, l.mlp.intermediate) for l in model.model.layers]
+        return cls(widths, pca, ffn_block, device)
 
     def observe(self, site: str, index: int, x: torch.Tensor) -> None:
         if self.act_blocks[site]:
@@ -308,12 +329,15 @@ class _Accumulator:
 
     def add_gradients(self, site: str, grads: Sequence[torch.Tensor | None]) -> None:
         for index, g in enumerate(grads):
-            if g is None or g.numel() == 0:  # a layer with no heads/channels left
-                continue
-            g = g.detach().to(torch.float64)
-            self.sq[site][index] += g.pow(2)
-            if self.grad_blocks[site]:
-                self.grad_blocks[site][index].update(g[None])
+            self.add_gradient(site, index, g)
+
+    def add_gradient(self, site: str, index: int, g: torch.Tensor | None) -> None:
+        if g is None or g.numel() == 0:  # a layer with no heads/channels left
+            return
+        g = g.detach().to(torch.float64)
+        self.sq[site][index] += g.pow(2)
+        if self.grad_blocks[site]:
+            self.grad_blocks[site][index].update(g[None])
 
     def scores(self, site: str, damping: float) -> list[torch.Tensor]:
         if not self.grad_blocks[site]:
@@ -346,7 +370,7 @@ def mask_importance(
     losses: list[float] = []
     tokens = 0
     with frozen_weights(model), ChannelMasks(model) as masks, torch.enable_grad():
-        acc = _Accumulator(masks, model, pca, int(ffn_block))
+        acc = _Accumulator.for_model(model, pca, int(ffn_block), masks.attention[0].device if masks.attention else torch.device("cpu"))
         masks.observe = acc.observe
         params = masks.all()
         for step, ids in enumerate(batches()):
@@ -362,6 +386,13 @@ def mask_importance(
             tokens += ids.shape[0] * max(ids.shape[1] - 1, 0)
             if progress is not None:
                 progress("mask gradients", step + 1)
+    return _importance(acc, model, damping, losses, tokens, start, pca, ffn_block)
+
+
+def _importance(
+    acc: _Accumulator, model: PrunedForCausalLM, damping: float, losses: list[float], tokens: int, start: float,
+    pca: bool, ffn_block: int,
+) -> ChannelImportance:
     channels = acc.scores("attention", damping)
     mlp = acc.scores("mlp", damping)
     heads = [
@@ -381,6 +412,74 @@ def mask_importance(
         "peak_rss_mb": _peak_rss_mb(),
     }
     return ChannelImportance(attention=heads, mlp=mlp, meta=meta, attention_channels=channels)
+
+
+def streamed_mask_importance(
+    run: RunContext,
+    *,
+    pca: bool,
+    ffn_block: int = 128,
+    damping: float = 0.01,
+    loss_chunk: int = 512,
+    progress: Callable[[str, int], Any] | None = None,
+) -> ChannelImportance:
+    """``mask_importance`` with one decoder layer in memory at a time (``run.residency``).
+
+    Layer-major instead of batch-major: every batch goes forward through layer 0, then
+    layer 1, ... (each layer's inputs are kept), the loss of each batch gives the gradient
+    at the last layer's output, and the layers are walked backwards, each recomputing its
+    forward for every batch and passing the input gradient down. Batch b's loss depends
+    on layer l's masks only through batch b's activations, so every per-batch mask
+    gradient is the same as in the whole-model pass (up to float summation order), and
+    the squares are summed per batch as there. Memory: all layers' inputs,
+    layers x N x L x hidden in the compute dtype, plus one layer's weights.
+    """
+    start = time.perf_counter()
+    model, residency = run.model, run.residency
+    device = model.lm_head.weight.device
+    batches = list(run.batches())
+    n_layers = len(model.model.layers)
+    acc = _Accumulator.for_model(model, pca, int(ffn_block), device)
+    freqs = model.model.rotary_freqs(position_ids(batches[0].shape[1], device))
+    with torch.no_grad():
+        hidden = [model.model.embed_tokens(ids) for ids in batches]
+    inputs: list[list[torch.Tensor] | None] = []
+    for index in range(n_layers):
+        with residency.use(model, index) as layer, torch.no_grad():
+            inputs.append(hidden)
+            hidden = [layer(h, freqs, None, None) for h in hidden]
+    grads: list[torch.Tensor] = []
+    losses: list[float] = []
+    with torch.enable_grad(), frozen_weights(model):
+        for step, (ids, h) in enumerate(zip(batches, hidden)):
+            h = h.detach().requires_grad_(True)
+            loss = head_loss(model, h, ids, True, loss_chunk)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite calibration loss in batch {step}: {loss.item()}")
+            grads.append(torch.autograd.grad(loss, h)[0])
+            losses.append(float(loss.detach()))
+    for done, index in enumerate(reversed(range(n_layers))):
+        with residency.use(model, index) as layer, frozen_weights(layer), \
+                ChannelMasks(model, acc.observe, layers=[index]) as masks, torch.enable_grad():
+            wanted_masks = [masks.attention[0], masks.mlp[0]]
+            for b, x in enumerate(inputs[index]):
+                x = x.detach().requires_grad_(index > 0)
+                masks.observing = True
+                out = layer(x, freqs, None, None)
+                masks.observing = False
+                got = torch.autograd.grad(out, wanted_masks + ([x] if index > 0 else []), grad_outputs=grads[b],
+                                          allow_unused=True)
+                acc.add_gradient("attention", index, got[0])
+                acc.add_gradient("mlp", index, got[1])
+                if index > 0:
+                    grads[b] = got[2]
+        inputs[index] = None
+        if progress is not None:
+            progress("mask gradients (layers)", done + 1)
+    tokens = sum(ids.shape[0] * max(ids.shape[1] - 1, 0) for ids in batches)
+    imp = _importance(acc, model, damping, losses, tokens, start, pca, ffn_block)
+    imp.meta["streamed"] = True
+    return imp
 
 
 # ----- caching ---------------------------------------------------------------------------------
@@ -442,10 +541,17 @@ def cached_importance(run: RunContext, component: str, params: dict[str, Any], p
             imp = _from_cache(hit)
             imp.meta["cache"] = "hit"
             return imp
-    imp = mask_importance(
-        run.model, run.batches, pca=pca, ffn_block=int(params.get("ffn_block", 0)), damping=float(params.get("damping", 0.01)),
-        use_checkpoint=bool(params["checkpoint"]), loss_chunk=int(params["loss_chunk"]), progress=run.progress,
-    )
+    if run.residency.offloaded:
+        imp = streamed_mask_importance(
+            run, pca=pca, ffn_block=int(params.get("ffn_block", 0)), damping=float(params.get("damping", 0.01)),
+            loss_chunk=int(params["loss_chunk"]), progress=run.progress,
+        )
+    else:
+        imp = mask_importance(
+            run.model, run.batches, pca=pca, ffn_block=int(params.get("ffn_block", 0)),
+            damping=float(params.get("damping", 0.01)), use_checkpoint=bool(params["checkpoint"]),
+            loss_chunk=int(params["loss_chunk"]), progress=run.progress,
+        )
     imp.meta["cache"] = "off" if key is None else "miss"
     if key is not None:
         torch_cache_put(CACHE_KIND, key, _to_cache(imp))
@@ -457,6 +563,7 @@ class MaskGrad(Component):
     """Fisher importance of o_proj/down_proj input channels: sum over batches of the squared LM-loss mask gradient."""
 
     kind, name = "importance", "mask-grad"
+    streams_layers = True
     defaults: ClassVar[dict[str, Any]] = {"checkpoint": True, "loss_chunk": 512}
 
     @hookimpl
@@ -468,6 +575,7 @@ class MaskGradPCA(Component):
     """Mask gradients rotated into block-diagonal PCA bases of the activations before squaring (IntraSlice Eq. 11)."""
 
     kind, name = "importance", "mask-grad-pca"
+    streams_layers = True
     defaults: ClassVar[dict[str, Any]] = {"ffn_block": 128, "damping": 0.01, "checkpoint": True, "loss_chunk": 512}
 
     @hookimpl

@@ -1,0 +1,338 @@
+"""Layer-offloaded pruning: the weights stay on disk, one decoder layer at a time is real.
+
+For models larger than memory. The source checkpoint (safetensors, one file or sharded)
+is never loaded whole: the dense source model and the harness-format model are built on
+the meta device (accelerate's ``init_empty_weights``), the embeddings, final norm and
+lm_head are materialised, and each decoder layer is read from the checkpoint
+(memory-mapped, the map open only while reading), converted to the harness format,
+compressed by the recipe's components, written to its own safetensors shard and put back
+on the meta device before the next one is read. The output directory is a sharded
+checkpoint with an index, so ``AutoModelForCausalLM.from_pretrained`` (also with
+``device_map="auto"``) loads it like any other.
+
+What needs memory at once (measured by ``scripts/bench_offload.py``): the embeddings
+and lm_head in the compute dtype, one layer in the source and in the harness format (and
+the components' float64 statistics of that layer), and the calibration activations of
+one layer's input and output ([N, L, hidden] each). Streamed importance (mask gradients)
+also keeps every layer's input activations for its backward pass:
+layers x N x L x hidden in the compute dtype.
+
+Whole-model components (a model-level transform such as SliceGPT's rotation, an
+importance pass that runs the full model) cannot run here unless they read layers
+through ``run.residency``; ``check_offload`` names the ones that do not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from harness.adapters import fill_layer, fill_outer, pruned_config_for
+from harness.context import LayerResidency, RunContext, embed, run_layer
+from harness.contracts import Recipe
+from harness.errors import UsageError
+from harness.manager import PluginHost
+from harness.params import decoder_params
+from harness.perplexity import PerplexityResult, result_from_nll, sequence_nll
+from harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+OUTER_SHARD = "model-outer.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "generation_config.json")
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint, read by name prefix.
+
+    Each read opens the shard's memory map and closes it afterwards, so the pages of
+    layers not being worked on are never mapped into this process (and never counted in
+    its resident memory).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        single = self.directory / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.directory / file for name, file in weight_map.items()}
+        elif single.exists():
+            with safe_open(str(single), framework="pt") as f:
+                self.files = {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        else:
+            raise UsageError(f"{self.directory} has no safetensors weights ({INDEX_FILE} or model.safetensors)")
+
+    def names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.files if n.startswith(prefix))
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs, one tensor at a time, each a copy in the stored dtype."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.files[name]].append(name)
+        for file, group in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for name in group:
+                    yield name, f.get_tensor(name).clone()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise).
+
+    Layers of a few hundred MB are allocated and freed once per layer; without a trim the
+    heap's high-water mark, not the live data, sets the resident size.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _empty_layer(model: PrunedForCausalLM, index: int, dtype: torch.dtype, device: torch.device) -> PrunedDecoderLayer:
+    """A layer of the current spec with uninitialised parameters (filled right after; no
+    time is spent on a random init). Buffers are built normally: ``head_to_kv`` follows
+    from the spec."""
+    with init_empty_weights(include_buffers=False):
+        layer = PrunedDecoderLayer(model.config, model.config.layers[index], index)
+    for name, param in list(layer.named_parameters()):
+        set_module_tensor_to_device(layer, name, device, value=torch.empty(param.shape, dtype=dtype))
+    return layer.to(device)
+
+
+class DiskLayers(LayerResidency):
+    """Layers read from the source checkpoint on first use, from their own compressed
+    shard once written; only the acquired layer is real, all others are on ``meta``."""
+
+    offloaded = True
+
+    def __init__(
+        self,
+        source_dir: str | os.PathLike[str],
+        out_dir: str | os.PathLike[str],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.source_dir = Path(source_dir)
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+            raise UsageError(f"output directory {self.out_dir} exists and is not empty; choose a new one")
+        self.staging = self.out_dir.with_name(self.out_dir.name + ".partial")
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.checkpoint = Checkpoint(self.source_dir)
+        config = AutoConfig.from_pretrained(self.source_dir)
+        with init_empty_weights():
+            self.source = AutoModelForCausalLM.from_config(config)
+        with init_empty_weights():
+            self.model = PrunedForCausalLM(pruned_config_for(self.source))
+        self.written: dict[int, Path] = {}
+        self.reads = 0
+        self._load_outer()
+
+    def _set_source(self, names: list[str]) -> None:
+        # Kept in the stored dtype (e.g. bfloat16): the copy into the harness-format layer
+        # converts, so no float32 copy of the source layer is ever made.
+        for name, tensor in self.checkpoint.read(names):
+            set_module_tensor_to_device(self.source, name, "cpu", value=tensor, dtype=tensor.dtype)
+
+    def _load_outer(self) -> None:
+        outer = [n for n in self.checkpoint.files if not n.startswith("model.layers.")]
+        self._set_source(outer)
+        tied = self.model.config.tie_word_embeddings
+        for name, param in self.model.named_parameters():
+            if name.startswith("model.layers.") or (tied and name == "lm_head.weight"):
+                continue
+            set_module_tensor_to_device(self.model, name, self.device, value=torch.empty(param.shape, dtype=self.dtype))
+        self.model.model.inv_freq = self.model.model.inv_freq.to(self.device)
+        fill_outer(self.model, self.source)
+        if tied:
+            self.model.tie_weights()
+        for name in outer:
+            set_module_tensor_to_device(self.source, name, "meta")
+        release_freed_memory()
+        self.model.eval()
+
+    def acquire(self, model: PrunedForCausalLM, index: int) -> nn.Module:
+        layer = _empty_layer(model, index, self.dtype, self.device)
+        if index in self.written:
+            prefix = f"model.layers.{index}."
+            with safe_open(str(self.written[index]), framework="pt") as f:
+                state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            layer.load_state_dict(state, strict=True)
+        else:
+            self._set_source(self.checkpoint.names(f"model.layers.{index}."))
+            fill_layer(layer, self.source.model.layers[index], self.source)
+            self.source.model.layers[index].to("meta")
+            release_freed_memory()
+        self.reads += 1
+        model.model.layers[index] = layer.eval()
+        return layer
+
+    def release(self, model: PrunedForCausalLM, index: int, changed: bool = False) -> None:
+        layer = model.model.layers[index]
+        if changed:
+            path = self.staging / f"model-layer-{index:05d}.safetensors"
+            state = {f"model.layers.{index}.{k}": v.detach().contiguous() for k, v in layer.state_dict().items()}
+            save_file(state, str(path), metadata={"format": "pt"})
+            self.written[index] = path
+        model.model.layers[index] = layer.to("meta")
+        del layer
+        release_freed_memory()
+
+    def finish(self, model: PrunedForCausalLM, copy_tokenizer: bool = True) -> Path:
+        """Write the outer weights, the index and the config, then move the checkpoint into
+        place in one rename (a crash leaves only ``<out>.partial`` behind)."""
+        missing = [i for i in range(len(model.model.layers)) if i not in self.written]
+        if missing:
+            raise RuntimeError(f"layers {missing[:5]} were never written; the checkpoint would be incomplete")
+        tied = model.config.tie_word_embeddings
+        outer = {
+            k: v.detach().contiguous()
+            for k, v in model.state_dict().items()
+            if not k.startswith("model.layers.") and not (tied and k == "lm_head.weight")
+        }
+        save_file(outer, str(self.staging / OUTER_SHARD), metadata={"format": "pt"})
+        weight_map = {k: OUTER_SHARD for k in outer}
+        total = sum(v.numel() * v.element_size() for v in outer.values())
+        for path in self.written.values():
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():  # noqa: SIM118
+                    weight_map[k] = path.name
+            total += path.stat().st_size
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.staging / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        model.config.torch_dtype = self.dtype
+        model.config.save_pretrained(self.staging)
+        if copy_tokenizer:
+            for name in TOKENIZER_FILES:
+                if (self.source_dir / name).exists():
+                    shutil.copy2(self.source_dir / name, self.staging / name)
+        if self.out_dir.exists():
+            self.out_dir.rmdir()  # checked empty at start
+        os.replace(self.staging, self.out_dir)
+        return self.out_dir
+
+
+def check_offload(recipe: Recipe, host: PluginHost) -> None:
+    """Refuse recipes with components that need the whole model in memory, naming them."""
+    blocking = [
+        f"{kind}={ref.name}"
+        for kind, ref in recipe.components.items()
+        if not host.component(kind, ref.name).supports_offload
+    ]
+    if blocking:
+        raise UsageError(
+            f"method {recipe.name!r} cannot be pruned layer by layer: {', '.join(blocking)} "
+            "need(s) the whole model in memory (swap them with --set, or prune in memory)"
+        )
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    model: PrunedForCausalLM, residency: LayerResidency, windows: torch.Tensor, batch_size: int
+) -> PerplexityResult:
+    """Perplexity with one layer real at a time: all windows pass layer 0, then layer 1, ...
+
+    The same definition as ``harness.perplexity.perplexity`` (summed NLL over windows).
+    """
+    device = model.lm_head.weight.device
+    hidden = embed(model, windows, batch_size, device)
+    for index in range(len(model.model.layers)):
+        with residency.use(model, index) as layer:
+            hidden = run_layer(layer, model, hidden, batch_size)
+    total = 0.0
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model.lm_head(model.model.norm(hidden[start : start + batch_size]))
+        total += float(sequence_nll(logits, ids))
+    return result_from_nll(total, windows.shape[0] * (windows.shape[1] - 1))
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def prune_offloaded(
+    source_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    method: str,
+    sparsity: float,
+    calibration: torch.Tensor,
+    *,
+    eval_windows: torch.Tensor | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    overrides: tuple[str, ...] = (),
+    host: PluginHost | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Prune a checkpoint on disk into ``out_dir`` without loading it whole.
+
+    Returns sizes, the achieved sparsity, stage times, peak RSS after each stage and,
+    with ``eval_windows``, the dense and pruned perplexities (both streamed).
+    """
+    from harness.runner import check_sparsity, prune
+
+    check_sparsity(sparsity)
+    host = host or PluginHost()
+    recipe = host.resolve(method, overrides)
+    check_offload(recipe, host)
+    times: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    start = time.perf_counter()
+    store = DiskLayers(source_dir, out_dir, dtype=dtype)
+    model = store.model
+    dense_decoder = decoder_params(model)
+    times["open"], memory["open"] = time.perf_counter() - start, peak_rss_mb()
+    metrics: dict[str, Any] = {}
+    if eval_windows is not None:
+        start = time.perf_counter()
+        metrics["dense_ppl"] = streamed_perplexity(model, store, eval_windows, batch_size).ppl
+        times["dense_evaluation"], memory["dense_evaluation"] = time.perf_counter() - start, peak_rss_mb()
+    torch.manual_seed(seed)
+    run = RunContext(model=model, calibration=calibration, batch_size=batch_size, device=store.device, seed=seed,
+                     target=sparsity, use_cache=False, residency=store)
+    start = time.perf_counter()
+    outcome = prune(run, recipe, host, show_progress=show_progress)
+    times["prune"], memory["prune"] = time.perf_counter() - start, peak_rss_mb()
+    times.update({f"prune.{k}": v for k, v in outcome.stage_seconds.items()})
+    if eval_windows is not None:
+        start = time.perf_counter()
+        metrics["pruned_ppl"] = streamed_perplexity(model, store, eval_windows, batch_size).ppl
+        times["evaluation"], memory["evaluation"] = time.perf_counter() - start, peak_rss_mb()
+    pruned_decoder = decoder_params(model)
+    path = store.finish(model)
+    return {
+        "method": recipe.name,
+        "recipe": recipe.to_dict(),
+        "sparsity": {"target": sparsity, "achieved": 1.0 - pruned_decoder / dense_decoder},
+        "params": {"dense_decoder": dense_decoder, "pruned_decoder": pruned_decoder},
+        "metrics": metrics,
+        "layer_reads": store.reads,
+        "seconds": times,
+        "peak_rss_mb": memory,
+        "output": str(path),
+        "importance": outcome.importance_meta,
+        "allocation": {"attention": outcome.allocation.attention, "mlp": outcome.allocation.mlp},
+    }

@@ -1,0 +1,141 @@
+"""Layer-offloaded pruning gives the same model as pruning in memory, one layer at a time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from harness.adapters import to_pruned
+from harness.cli import main
+from harness.context import RunContext
+from harness.errors import UsageError
+from harness.offload import DiskLayers, check_offload, prune_offloaded, streamed_perplexity
+from harness.perplexity import perplexity
+from harness.runner import prune
+from harness.testing import tiny_model
+from plugins.mask_grad import mask_importance, streamed_mask_importance
+
+
+def _source(tmp_path, kind: str, layers: int = 3):
+    model = tiny_model(kind, layers=layers)
+    directory = tmp_path / f"{kind}-source"
+    model.save_pretrained(directory, max_shard_size="40KB")  # several shards: exercises the index
+    return model, directory
+
+
+def _in_memory(source, method: str, calibration: torch.Tensor, host) -> torch.nn.Module:
+    model = to_pruned(source)
+    run = RunContext(model=model, calibration=calibration, batch_size=4, device=torch.device("cpu"), seed=0,
+                     target=0.3, use_cache=False)
+    torch.manual_seed(0)
+    prune(run, host.resolve(method), host, show_progress=False)
+    return run.model
+
+
+@pytest.mark.parametrize(("kind", "method"), [("llama-gqa", "wanda-sp"), ("phi3", "intraslice"),
+                                              ("llama-mha", "sobp"), ("phi3-partial", "olica")])
+def test_offloaded_equals_in_memory(tmp_path, host, calib_ids, kind, method):
+    source, directory = _source(tmp_path, kind)
+    assert len(list(directory.glob("*.safetensors"))) > 1
+    expected = _in_memory(source, method, calib_ids, host)
+    out = tmp_path / "pruned"
+    result = prune_offloaded(directory, out, method, 0.3, calib_ids, show_progress=False, host=host)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected(ids).logits)
+    assert reloaded.config.layers == expected.config.layers
+    assert result["sparsity"]["achieved"] == pytest.approx(0.3, abs=0.05)
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_only_one_layer_is_real_at_a_time(tmp_path, host, calib_ids):
+    _, directory = _source(tmp_path, "llama-gqa", layers=4)
+    real_counts = []
+
+    class Spy(DiskLayers):
+        def acquire(self, model, index):
+            layer = super().acquire(model, index)
+            real_counts.append(sum(not l.self_attn.q_proj.weight.is_meta for l in model.model.layers))
+            return layer
+
+    store = Spy(directory, tmp_path / "out")
+    run = RunContext(model=store.model, calibration=calib_ids, batch_size=4, device=torch.device("cpu"), seed=0,
+                     target=0.3, use_cache=False, residency=store)
+    prune(run, host.resolve("intraslice"), host, show_progress=False)
+    assert real_counts and max(real_counts) == 1
+    assert len(real_counts) == 3 * 4  # importance forward + backward, then the layer loop
+
+
+def test_streamed_mask_gradients_match_whole_model(tmp_path, calib_ids):
+    source, directory = _source(tmp_path, "llama-gqa")
+    model = to_pruned(source)
+    run = RunContext(model=model, calibration=calib_ids, batch_size=4, device=torch.device("cpu"), seed=0, target=0.3)
+    expected = mask_importance(model, run.batches, pca=True, ffn_block=32)
+    store = DiskLayers(directory, tmp_path / "out")
+    streamed_run = RunContext(model=store.model, calibration=calib_ids, batch_size=4, device=torch.device("cpu"),
+                              seed=0, target=0.3, residency=store)
+    got = streamed_mask_importance(streamed_run, pca=True, ffn_block=32)
+    for a, b in zip(expected.attention_channels + expected.mlp, got.attention_channels + got.mlp):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-12)
+    assert got.meta["mean_loss"] == pytest.approx(expected.meta["mean_loss"], rel=1e-6)
+
+
+def test_streamed_perplexity_matches(tmp_path):
+    source, directory = _source(tmp_path, "phi3")
+    windows = torch.randint(0, 96, (5, 24), generator=torch.Generator().manual_seed(1))
+    store = DiskLayers(directory, tmp_path / "out")
+    got = streamed_perplexity(store.model, store, windows, batch_size=2)
+    want = perplexity(to_pruned(source), windows, batch_size=2, progress=False)
+    assert got.ppl == pytest.approx(want.ppl, rel=1e-5)
+    assert got.tokens == want.tokens
+
+
+def test_whole_model_components_are_refused(host):
+    with pytest.raises(UsageError, match="transform=slicegpt"):
+        check_offload(host.resolve("slicegpt"), host)
+    with pytest.raises(UsageError, match="importance=flap"):
+        check_offload(host.resolve("flap"), host)
+    check_offload(host.resolve("flap", ["importance=none"]), host)
+
+
+def test_existing_output_refused_and_failure_leaves_no_checkpoint(tmp_path, host, calib_ids, monkeypatch):
+    _, directory = _source(tmp_path, "llama-gqa")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("keep me")
+    with pytest.raises(UsageError, match="not empty"):
+        prune_offloaded(directory, taken, "wanda-sp", 0.3, calib_ids, show_progress=False, host=host)
+    assert (taken / "x").read_text() == "keep me"
+
+    def broken(self, model, index, changed=False):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(DiskLayers, "release", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        prune_offloaded(directory, out, "wanda-sp", 0.3, calib_ids, show_progress=False, host=host)
+    assert not out.exists()
+
+
+def test_cli_offload(tmp_path, capsys):
+    from harness.models import load_source_model
+
+    source = tiny_model("llama-gqa", vocab_size=49152, layers=2)
+    directory = tmp_path / "src"
+    source.save_pretrained(directory)
+    load_source_model("smollm2-135m").tokenizer.save_pretrained(directory)
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    code = main(["offload", "--model", str(directory), "--method", "wanda-sp", "--sparsity", "0.25", "--out", str(out),
+                 "--calibration-samples", "4", "--calibration-seqlen", "32", "--eval-samples", "2", "--eval-seqlen", "32",
+                 "--json", str(report), "--quiet"])
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["metrics"]["pruned_ppl"] > 1 and data["metrics"]["dense_ppl"] > 1
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    assert main(["offload", "--model", str(tmp_path / "missing"), "--method", "wanda-sp", "--sparsity", "0.3",
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "local checkpoint directory" in capsys.readouterr().err
