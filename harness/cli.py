@@ -1,4 +1,4 @@
-"""``prunebench``: list, run, compare, ablate, report, offload.
+"""``prunebench``: list, run, compare, ablate, report, offload, eval.
 
 Bad input exits with status 2 and one line on stderr, before anything is computed or
 written (``UsageError``); other failures exit 1 with the error.
@@ -210,6 +210,11 @@ def cmd_offload(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(args.dtype)
     if dtype is None:
         raise UsageError(f"--dtype must be float32, bfloat16 or float64, got {args.dtype!r}")
+    spill = None
+    if args.spill_activations:
+        spill = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.spill_activations)
+        if spill is None:
+            raise UsageError(f"--spill-activations must be bfloat16 or float16, got {args.spill_activations!r}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     max_pos = AutoConfig.from_pretrained(args.model).max_position_embeddings
     calibration = calibration_batch(tokenizer, load_corpus(args.calibration), args.calibration_samples,
@@ -219,12 +224,47 @@ def cmd_offload(args: argparse.Namespace) -> int:
         windows = evaluation_windows(tokenizer, load_corpus(args.eval), args.eval_samples, args.eval_seqlen, max_pos)
     result = prune_offloaded(args.model, args.out, args.method, args.sparsity, calibration, eval_windows=windows,
                              batch_size=args.batch_size, seed=args.seed, dtype=dtype, overrides=tuple(args.overrides),
-                             show_progress=not args.quiet)
-    text = json.dumps({k: result[k] for k in ("method", "sparsity", "metrics", "seconds", "peak_rss_mb", "output")},
+                             show_progress=not args.quiet, spill_dtype=spill)
+    text = json.dumps({k: result[k] for k in ("method", "sparsity", "metrics", "seconds", "peak_rss_mb", "spill", "output")},
                       indent=1)
     print(text)
     if args.json:
         atomic_write_json(Path(args.json), json.loads(json.dumps(result, default=str)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from harness.cache import atomic_write_json
+    from harness.data import evaluation_windows, load_corpus
+    from harness.evaluate import execution_device, load_dispatched, parse_max_memory
+    from harness.perplexity import perplexity
+
+    max_memory = parse_max_memory(args.max_memory)
+    model = load_dispatched(args.model, device_map=args.device_map, max_memory=max_memory,
+                            offload_folder=args.offload_folder)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    max_pos = model.config.max_position_embeddings
+    device = execution_device(model)
+    out: dict[str, Any] = {"model": args.model, "device_map": getattr(model, "hf_device_map", None), "ppl": {}}
+    for source in [s for s in args.eval.split(",") if s and s != "none"]:
+        windows = evaluation_windows(tokenizer, load_corpus(source), args.eval_samples, args.eval_seqlen, max_pos)
+        out["ppl"][source] = perplexity(model, windows, batch_size=args.batch_size, device=device,
+                                        progress=not args.quiet).ppl
+    if args.tasks and args.tasks != "none":
+        from harness.zeroshot import evaluate_zeroshot
+
+        result = evaluate_zeroshot(model, tokenizer, tasks=args.tasks.split(","), limit=args.limit,
+                                   batch_size=args.batch_size, max_length=min(args.max_length, max_pos))
+        out["zeroshot"] = result.to_dict()
+    summary = {"ppl": out["ppl"], "zeroshot_average": out.get("zeroshot", {}).get("average"),
+               "device_map": out["device_map"]}
+    print(json.dumps(summary, indent=1, default=str))
+    if args.json:
+        atomic_write_json(Path(args.json), json.loads(json.dumps(out, default=str)))
     return 0
 
 
@@ -281,9 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--batch-size", type=int, default=4)
     off.add_argument("--seed", type=int, default=0)
     off.add_argument("--dtype", default="float32", help="compute dtype of the layer being pruned")
+    off.add_argument("--spill-activations", help="keep stored calibration activations on disk in bfloat16 | float16")
     off.add_argument("--json", help="also write the full result here")
     off.add_argument("--quiet", action="store_true")
     off.set_defaults(func=cmd_offload)
+
+    ev = sub.add_parser("eval", help="perplexity and zero-shot of a saved checkpoint, spread over devices and disk")
+    ev.add_argument("--model", required=True, help="checkpoint directory (pruned or dense, with its tokenizer)")
+    ev.add_argument("--device-map", default="auto", help="accelerate device map: auto | balanced | sequential | cpu")
+    ev.add_argument("--max-memory", help="per-device limits, e.g. 0=70GiB,1=70GiB,cpu=100GiB")
+    ev.add_argument("--offload-folder", help="where layers that fit nowhere else are memory-mapped")
+    ev.add_argument("--eval", default="wiki-offline", help="comma-separated perplexity sources ('none' to skip)")
+    ev.add_argument("--eval-samples", type=int, default=8)
+    ev.add_argument("--eval-seqlen", type=int, default=512)
+    ev.add_argument("--tasks", default="none", help="comma-separated zero-shot tasks")
+    ev.add_argument("--limit", type=int, help="zero-shot items per task")
+    ev.add_argument("--max-length", type=int, default=2048)
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--json", help="also write the full result here")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     rep = sub.add_parser("report", help="tables and plots from result files")
     rep.add_argument("paths", nargs="+", help="result files or folders")

@@ -39,6 +39,15 @@ class LayerResidency:
     def release(self, model: PrunedForCausalLM, index: int, changed: bool = False) -> None:
         """Done with layer ``index``; ``changed`` means it was compressed and must be kept."""
 
+    def stash(self, key: str, tensors: list[torch.Tensor]) -> Any:
+        """Keep activations for later (e.g. every layer's inputs for a streamed backward);
+        returns a handle for ``unstash``. Here: kept as they are, in memory."""
+        return tensors
+
+    def unstash(self, handle: Any) -> list[torch.Tensor]:
+        """The stashed activations (each handle is read once)."""
+        return handle
+
     @contextmanager
     def use(self, model: PrunedForCausalLM, index: int, changed: bool = False) -> Iterator[nn.Module]:
         layer = self.acquire(model, index)

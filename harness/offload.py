@@ -52,6 +52,9 @@ from harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
 OUTER_SHARD = "model-outer.safetensors"
+SPILL_TOLERANCE = 1e-2
+"""Largest relative error a spilled activation may carry (bfloat16 rounds at <= 2^-9 per
+element, float16 at <= 2^-12: both are far below it unless values are out of range)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json")
 
@@ -126,6 +129,7 @@ class DiskLayers(LayerResidency):
         out_dir: str | os.PathLike[str],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        spill_dtype: torch.dtype | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -145,6 +149,9 @@ class DiskLayers(LayerResidency):
             self.model = PrunedForCausalLM(pruned_config_for(self.source))
         self.written: dict[int, Path] = {}
         self.reads = 0
+        self.spill_dtype = spill_dtype
+        self.spill_max_relative_error = 0.0
+        self.spilled_bytes = 0
         self._load_outer()
 
     def _set_source(self, names: list[str]) -> None:
@@ -197,6 +204,41 @@ class DiskLayers(LayerResidency):
         del layer
         release_freed_memory()
 
+    def stash(self, key: str, tensors: list[torch.Tensor]) -> Any:
+        """In memory, or with ``spill_dtype`` written to disk in that dtype.
+
+        Precision check: the relative error ||x - round(x)|| / ||x|| of every stashed
+        tensor is measured (the largest is reported as ``spill_max_relative_error``); a
+        value that does not fit the dtype (float16 overflows past 65504) or an error above
+        ``SPILL_TOLERANCE`` stops the run instead of silently changing the results.
+        """
+        if self.spill_dtype is None:
+            return tensors
+        folder = self.staging / "activations"
+        folder.mkdir(exist_ok=True)
+        stored = {}
+        for i, t in enumerate(tensors):
+            low = t.detach().to(self.spill_dtype)
+            if not torch.isfinite(low).all():
+                raise FloatingPointError(f"activations {key} do not fit {self.spill_dtype} (overflow); spill in bfloat16")
+            error = float((t - low.to(t.dtype)).norm() / t.norm().clamp_min(torch.finfo(t.dtype).tiny))
+            if error > SPILL_TOLERANCE:
+                raise FloatingPointError(f"spilling {key} as {self.spill_dtype} loses {error:.2e} (> {SPILL_TOLERANCE})")
+            self.spill_max_relative_error = max(self.spill_max_relative_error, error)
+            stored[str(i)] = low.contiguous()
+        path = folder / f"{key}.safetensors"
+        save_file(stored, str(path))
+        self.spilled_bytes += path.stat().st_size
+        return path
+
+    def unstash(self, handle: Any) -> list[torch.Tensor]:
+        if not isinstance(handle, Path):
+            return handle
+        with safe_open(str(handle), framework="pt") as f:
+            out = [f.get_tensor(str(i)).to(self.dtype) for i in range(len(f.keys()))]
+        handle.unlink()
+        return out
+
     def finish(self, model: PrunedForCausalLM, copy_tokenizer: bool = True) -> Path:
         """Write the outer weights, the index and the config, then move the checkpoint into
         place in one rename (a crash leaves only ``<out>.partial`` behind)."""
@@ -225,6 +267,7 @@ class DiskLayers(LayerResidency):
             for name in TOKENIZER_FILES:
                 if (self.source_dir / name).exists():
                     shutil.copy2(self.source_dir / name, self.staging / name)
+        shutil.rmtree(self.staging / "activations", ignore_errors=True)
         if self.out_dir.exists():
             self.out_dir.rmdir()  # checked empty at start
         os.replace(self.staging, self.out_dir)
@@ -286,6 +329,7 @@ def prune_offloaded(
     overrides: tuple[str, ...] = (),
     host: PluginHost | None = None,
     show_progress: bool = True,
+    spill_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Prune a checkpoint on disk into ``out_dir`` without loading it whole.
 
@@ -301,7 +345,7 @@ def prune_offloaded(
     times: dict[str, float] = {}
     memory: dict[str, float] = {}
     start = time.perf_counter()
-    store = DiskLayers(source_dir, out_dir, dtype=dtype)
+    store = DiskLayers(source_dir, out_dir, dtype=dtype, spill_dtype=spill_dtype)
     model = store.model
     dense_decoder = decoder_params(model)
     times["open"], memory["open"] = time.perf_counter() - start, peak_rss_mb()
@@ -330,6 +374,8 @@ def prune_offloaded(
         "params": {"dense_decoder": dense_decoder, "pruned_decoder": pruned_decoder},
         "metrics": metrics,
         "layer_reads": store.reads,
+        "spill": {"dtype": str(spill_dtype).replace("torch.", "") if spill_dtype else None,
+                  "bytes": store.spilled_bytes, "max_relative_error": store.spill_max_relative_error},
         "seconds": times,
         "peak_rss_mb": memory,
         "output": str(path),

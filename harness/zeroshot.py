@@ -314,6 +314,13 @@ def evaluate_zeroshot(
             max_length=max_length,
             backend="causal",
         )
+        if getattr(model, "hf_device_map", None):
+            # A dispatched model (harness.evaluate) reports the device of its first
+            # parameter, which is "meta" for disk-offloaded layers; lm-eval must put
+            # inputs where the embeddings run. HFLM has no public setter for this.
+            from harness.evaluate import execution_device
+
+            lm._device = execution_device(model)
         out = simple_evaluate(
             model=lm,
             tasks=names,

@@ -443,10 +443,10 @@ def streamed_mask_importance(
     freqs = model.model.rotary_freqs(position_ids(batches[0].shape[1], device))
     with torch.no_grad():
         hidden = [model.model.embed_tokens(ids) for ids in batches]
-    inputs: list[list[torch.Tensor] | None] = []
+    inputs: list[Any] = []
     for index in range(n_layers):
         with residency.use(model, index) as layer, torch.no_grad():
-            inputs.append(hidden)
+            inputs.append(residency.stash(f"mask-grad-inputs-{index}", hidden))
             hidden = [layer(h, freqs, None, None) for h in hidden]
     grads: list[torch.Tensor] = []
     losses: list[float] = []
@@ -462,7 +462,7 @@ def streamed_mask_importance(
         with residency.use(model, index) as layer, frozen_weights(layer), \
                 ChannelMasks(model, acc.observe, layers=[index]) as masks, torch.enable_grad():
             wanted_masks = [masks.attention[0], masks.mlp[0]]
-            for b, x in enumerate(inputs[index]):
+            for b, x in enumerate(residency.unstash(inputs[index])):
                 x = x.detach().requires_grad_(index > 0)
                 masks.observing = True
                 out = layer(x, freqs, None, None)
