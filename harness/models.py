@@ -552,7 +552,7 @@ def _looks_like_path(text: str) -> bool:
         text.startswith(("/", "./", "../", "~", ".\\", "..\\"))
         or text.lower().endswith(".gguf")
         or "\\" in text
-        or text.count("/") > 1 and "@" not in text
+        or (text.count("/") > 1 and "@" not in text)
     )
 
 

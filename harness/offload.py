@@ -24,6 +24,7 @@ through ``run.residency``; ``check_offload`` names the ones that do not.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -76,7 +77,7 @@ class Checkpoint:
             self.files = {name: self.directory / file for name, file in weight_map.items()}
         elif single.exists():
             with safe_open(str(single), framework="pt") as f:
-                self.files = {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+                self.files = dict.fromkeys(f.keys(), single)
         else:
             raise UsageError(f"{self.directory} has no safetensors weights ({INDEX_FILE} or model.safetensors)")
 
@@ -100,10 +101,8 @@ def release_freed_memory() -> None:
     Layers of a few hundred MB are allocated and freed once per layer; without a trim the
     heap's high-water mark, not the live data, sets the resident size.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _empty_layer(model: PrunedForCausalLM, index: int, dtype: torch.dtype, device: torch.device) -> PrunedDecoderLayer:
@@ -252,7 +251,7 @@ class DiskLayers(LayerResidency):
             if not k.startswith("model.layers.") and not (tied and k == "lm_head.weight")
         }
         save_file(outer, str(self.staging / OUTER_SHARD), metadata={"format": "pt"})
-        weight_map = {k: OUTER_SHARD for k in outer}
+        weight_map = dict.fromkeys(outer, OUTER_SHARD)
         total = sum(v.numel() * v.element_size() for v in outer.values())
         for path in self.written.values():
             with safe_open(str(path), framework="pt") as f:

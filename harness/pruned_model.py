@@ -331,9 +331,9 @@ def build_attention_mask(
     None covers the common cases (a full prompt without padding, or one decode step with no
     padding), where SDPA's ``is_causal`` or no mask at all is correct and fastest.
     """
-    if attention_mask is None or bool(attention_mask.all()):
-        if q_len == 1 or attention_mask is None or attention_mask.shape[-1] == q_len:
-            return None
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding and (q_len == 1 or attention_mask is None or attention_mask.shape[-1] == q_len):
+        return None
     kv_len = attention_mask.shape[-1] if attention_mask is not None else q_len
     key_pos = torch.arange(kv_len, device=position_ids.device)
     query_pos = torch.arange(kv_len - q_len, kv_len, device=position_ids.device)

@@ -90,10 +90,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def print_rich(results: list[dict[str, Any]]) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     # A log file or CI has no terminal width; the Table-1 layout needs ~200 columns.
     console = Console(width=None if sys.stdout.isatty() else 220)

@@ -183,7 +183,7 @@ def keep_heads(plan: AttentionPlan, heads: Sequence[int]) -> AttentionPlan:
 
     Groups may become uneven: head_to_kv is re-indexed, never assumed contiguous.
     """
-    heads = sorted(set(int(h) for h in heads))
+    heads = sorted({int(h) for h in heads})
     kv_kept = sorted({plan.head_to_kv[h] for h in heads})
     kv_new = {g: i for i, g in enumerate(kv_kept)}
     q_rows, o_cols = _head_rows(heads, plan.qk_dim), _head_rows(heads, plan.v_dim)

@@ -8,7 +8,15 @@ non-trivial scales so that norm-fusion bugs cannot hide behind weights of 1.
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 TINY_KINDS = ("llama-mha", "llama-gqa", "llama-bias", "qwen2", "phi3", "phi3-partial")
 

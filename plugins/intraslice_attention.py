@@ -137,7 +137,7 @@ class AttentionCosts:
 
     @classmethod
     def of(cls, plan: AttentionPlan) -> AttentionCosts:
-        has = lambda w: int(w.bias is not None)  # noqa: E731
+        has = lambda w: int(w.bias is not None)
         return cls(
             hidden=plan.q.in_features, qk_dim=plan.qk_dim, v_dim=plan.v_dim,
             pairs=int(plan.rope_index.shape[1]) if plan.rope_index.ndim == 2 else 0,
@@ -256,7 +256,7 @@ def qk_unit_scores(
 def select_qk(pair_scores: torch.Tensor, pass_scores: torch.Tensor, c: int) -> tuple[torch.Tensor, list[int]]:
     """Best (pairs per group [G, m], pass channels) with 2m + s = c: the split of c between
     pairs and pass-through channels that keeps the largest total score."""
-    num_kv, n = pair_scores.shape
+    _num_kv, n = pair_scores.shape
     pass_dim = pass_scores.numel()
     sorted_pairs = pair_scores.sort(dim=1, descending=True)
     sorted_pass = pass_scores.sort(descending=True)

@@ -222,11 +222,11 @@ class FFNSamples:
     def split(self, holdout: float) -> tuple[FFNSamples, FFNSamples | None]:
         """The first (1 - holdout) rows to fit on, the rest held out (whole sequences, as
         ``capture`` concatenates them in order), or None when too few rows are left."""
-        n_held = int(round(self.tokens * max(0.0, min(0.9, float(holdout)))))
+        n_held = round(self.tokens * max(0.0, min(0.9, float(holdout))))
         if n_held < 1 or self.tokens - n_held < 1:
             return self, None
         cut = self.tokens - n_held
-        part = lambda lo, hi: FFNSamples(self.a[lo:hi], self.b[lo:hi], self.xd[lo:hi], self.y[lo:hi])  # noqa: E731
+        part = lambda lo, hi: FFNSamples(self.a[lo:hi], self.b[lo:hi], self.xd[lo:hi], self.y[lo:hi])
         return part(0, cut), part(cut, self.tokens)
 
 
@@ -454,7 +454,7 @@ class SelectFFN(Component):
         prepared = _prepare(layer, ratio, params["multiple"])
         if prepared is None:
             return None
-        plan, stats, scores, k = prepared
+        plan, _stats, scores, k = prepared
         kept = select_channels(scores, k)
         new = fused_plan(plan, kept, None)
         new.summary = {"intermediate": k}

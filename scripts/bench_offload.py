@@ -60,7 +60,7 @@ def build_random_llama(directory: Path, shape: dict[str, int], vocab_size: int, 
     weight_map, total = {}, 0
     for shard, tensors in shards.items():
         save_file(tensors, str(directory / shard), metadata={"format": "pt"})
-        weight_map.update({k: shard for k in tensors})
+        weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * 2 for t in tensors.values())
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)

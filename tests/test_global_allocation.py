@@ -11,6 +11,7 @@ from plugins.global_allocation import GlobalAllocation, global_allocation, remov
 from plugins.intraslice import ablation_labels, ablation_recipes
 from plugins.mask_grad import ChannelImportance
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and on a loaded 2-core box OpenMP's

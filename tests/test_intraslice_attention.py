@@ -176,7 +176,7 @@ def test_kept_pairs_keep_original_frequencies() -> None:
     qk = dense.qk_dim
     for g in range(ref.num_kv_heads):
         removed = [j for j in range(n) if j not in set(plan.rope_index[g].tolist())]
-        rows = [j for j in removed] + [j + n for j in removed]
+        rows = list(removed) + [j + n for j in removed]
         for r in rows:
             ref.k.weight[g * qk + r] = 0
             for h, kv in enumerate(ref.head_to_kv):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -221,7 +223,7 @@ def _check_iteration(ctx: LayerContext, ratio: float, cfg: IterConfig, max_token
     assert len(res.held_trace) == (len(res.trace) if cfg.holdout > 0 else 0)
     for trace in (res.trace, res.held_trace):
         assert not trace or len(trace) == res.tried + 1
-        assert all(b <= a for a, b in zip(trace, trace[1:])), trace
+        assert all(b <= a for a, b in itertools.pairwise(trace)), trace
     fit_rows = samples.split(cfg.holdout)[0].tokens
     start = _plan_error(ctx, fused_plan(plan, kept, q_r), x[:fit_rows])
     end = _plan_error(ctx, fused_plan(plan, kept, res.q_r, res.q_a, res.q_b), x[:fit_rows])
@@ -236,7 +238,7 @@ def test_iterative_step_never_increases_objective_tiny(kind: str) -> None:
     ctx = _layer(model, _ids(16, 32), 1, 0.5)
     # Without a held-out part the fit must find real gains on these tokens ...
     cfg = IterConfig(iterations=2, slice_size=32, steps=20, lr=1e-3, batch_tokens=64, holdout=0.0, seed=0)
-    trace, start, end = _check_iteration(ctx, 0.5, cfg, None)
+    _trace, start, end = _check_iteration(ctx, 0.5, cfg, None)
     assert end < 0.99 * start
     # ... and with one, steps that do not generalise to the held-out tokens are undone.
     cfg = IterConfig(iterations=1, slice_size=32, steps=20, lr=1e-3, batch_tokens=64, holdout=0.25, seed=0)
@@ -295,5 +297,5 @@ def test_real_smollm2_layer() -> None:
     e_ls = ffn_output_error(stats.gram, stats.count, w, kept, reconstruction_map(stats.gram, kept, 0.01))
     assert e_ls < 0.8 * e_select
     cfg = IterConfig(iterations=1, slice_size=512, steps=4, batch_tokens=128, seed=0)
-    trace, start, end = _check_iteration(ctx, 0.3, cfg, 512)
+    _trace, start, end = _check_iteration(ctx, 0.3, cfg, 512)
     assert end <= start

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import data, perplexity as perplexity_module
+from harness import data
+from harness import perplexity as perplexity_module
 from harness.errors import NumericalError
 from harness.perplexity import PerplexityResult, perplexity
 
