@@ -192,6 +192,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.plots:
         for p in plots(results, args.plots):
             print(f"plot: {p}")
+    if args.cost:
+        from harness.report import cost_markdown
+
+        table = cost_markdown(results, reference=args.cost_reference)
+        print(table)
+        Path(args.cost).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.cost).write_text(table + "\n")
+        print(f"cost table: {args.cost}")
     return 0
 
 
@@ -346,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("paths", nargs="+", help="result files or folders")
     rep.add_argument("--markdown", help="write the markdown table to this file")
     rep.add_argument("--plots", help="write PNG plots into this folder")
+    rep.add_argument("--cost", help="write the pruning-cost table (time, ratio, peak memory) here")
+    rep.add_argument("--cost-reference", default="slicegpt", help="method whose pruning time is 1 in the cost table")
     rep.set_defaults(func=cmd_report)
     return parser
 

@@ -89,6 +89,34 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def cost_rows(results: list[dict[str, Any]], reference: str = "slicegpt") -> tuple[list[str], list[list[Any]]]:
+    """Pruning cost per method and sparsity (the paper's Table 7): wall time of the pruning
+    stages, its ratio to ``reference``'s time at the same sparsity and protocol, and the
+    peak RSS after pruning. Timings are only comparable within one machine and load."""
+    header = ["method", "sparsity", "prune s", f"x {reference}", "importance s", "layer loop s", "peak RSS GiB"]
+    ref_time = {
+        (r["spec"].get("protocol_id"), r["sparsity"]["target"]): r["timings"]["stages_s"].get("prune")
+        for r in results if r["recipe"]["name"] == reference
+    }
+    out = []
+    for r in sorted(results, key=lambda r: (r["sparsity"]["target"], r["recipe"]["name"])):
+        stages = r["timings"]["stages_s"]
+        base = ref_time.get((r["spec"].get("protocol_id"), r["sparsity"]["target"]))
+        prune_s = stages.get("prune")
+        memory = r.get("memory") or {}
+        peak = memory.get("peak_rss_after_prune_mb", memory.get("peak_rss_mb"))
+        out.append([r["recipe"]["name"], r["sparsity"]["target"], prune_s,
+                    prune_s / base if base and prune_s is not None else None,
+                    stages.get("prune.importance"), stages.get("prune.layer_loop"),
+                    peak / 1024.0 if peak is not None else None])
+    return header, out
+
+
+def cost_markdown(results: list[dict[str, Any]], reference: str = "slicegpt") -> str:
+    header, body = cost_rows(results, reference)
+    return tabulate([[format_cell(c) for c in row] for row in body], headers=header, tablefmt="github")
+
+
 def print_rich(results: list[dict[str, Any]]) -> None:
     import sys
 

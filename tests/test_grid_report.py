@@ -148,3 +148,20 @@ def test_result_writer_refuses_incomplete_results(tmp_path):
     assert not list(tmp_path.iterdir())
     write_result(tmp_path / "r.json", result)
     assert set(json.loads((tmp_path / "r.json").read_text())) == set(TOP_LEVEL_KEYS)
+
+
+def test_cost_table_ratios_to_the_reference_method():
+    from harness.report import cost_rows
+
+    results = []
+    for method, seconds in (("slicegpt", 40.0), ("wanda-sp", 10.0), ("intraslice", 100.0)):
+        r = _fake_result(RunSpec(model="smollm2-135m", method=method, sparsity=0.3, profile="ci"), 30.0)
+        r["timings"]["stages_s"] = {"prune": seconds, "prune.importance": 1.0, "prune.layer_loop": seconds - 1}
+        r["memory"]["peak_rss_after_prune_mb"] = 2048.0
+        results.append(r)
+    header, body = cost_rows(results, reference="slicegpt")
+    ratio = {row[0]: row[header.index("x slicegpt")] for row in body}
+    assert ratio == {"slicegpt": 1.0, "wanda-sp": 0.25, "intraslice": 2.5}
+    assert all(row[header.index("peak RSS GiB")] == 2.0 for row in body)
+    header, body = cost_rows(results, reference="flap")  # no reference run: no ratios, still the times
+    assert all(row[header.index("x flap")] is None for row in body)
