@@ -204,6 +204,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_offload(args: argparse.Namespace) -> int:
+    import gc
     import json
 
     import torch
@@ -211,7 +212,7 @@ def cmd_offload(args: argparse.Namespace) -> int:
 
     from harness.cache import atomic_write_json
     from harness.data import calibration_batch, evaluation_windows, load_corpus
-    from harness.offload import prune_offloaded
+    from harness.offload import prune_offloaded, release_freed_memory
 
     if not Path(args.model).is_dir():
         raise UsageError(f"--model must be a local checkpoint directory (safetensors), got {args.model!r}")
@@ -230,6 +231,10 @@ def cmd_offload(args: argparse.Namespace) -> int:
     windows = None
     if args.eval != "none":
         windows = evaluation_windows(tokenizer, load_corpus(args.eval), args.eval_samples, args.eval_seqlen, max_pos)
+    # Tokenising whole corpora leaves a few hundred MB of freed heap behind; give it back
+    # before the model's layers start coming and going.
+    gc.collect()
+    release_freed_memory()
     result = prune_offloaded(args.model, args.out, args.method, args.sparsity, calibration, eval_windows=windows,
                              batch_size=args.batch_size, seed=args.seed, dtype=dtype, overrides=tuple(args.overrides),
                              show_progress=not args.quiet, spill_dtype=spill)

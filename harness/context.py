@@ -246,6 +246,15 @@ class LayerContext:
                 cache[site] = fresh.get(site) or Moments.empty(0, missing[site])
         return {s: cache[s] for s in wanted}
 
+    def release_statistics(self) -> None:
+        """Drop the cached moments of this layer (a later ``collect`` recomputes them).
+
+        For a component that has taken what it needs from the statistics and is about to
+        start a memory-heavy step: the float64 Gram matrices of a wide layer (D^2 x 8 B for
+        down_proj's input) otherwise stay resident until the layer is done.
+        """
+        self._cache, self._version = {}, -1
+
     def capture(self, site: str, max_tokens: int | None = None, layer: nn.Module | None = None) -> torch.Tensor:
         """Raw activations of one site, [tokens, dim] in float32, for methods that fit on
         samples (iterative PCA, linear calibration). Takes the first ``max_tokens`` tokens

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
@@ -105,6 +106,29 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class StoredDtypeEmbedding(nn.Embedding):
+    """An embedding table kept in a narrower dtype than the layers compute in; its output
+    is cast to the compute dtype (a lookup, so nothing is lost beyond the stored values)."""
+
+    def __init__(self, num: int, dim: int, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(num, dim)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.compute_dtype)
+
+
+class StoredDtypeLinear(nn.Linear):
+    """A bias-free linear map (the lm_head) stored narrow and applied in the input's dtype:
+    the weight is widened per call, so the logits are exactly those of the wide model."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
 def _empty_layer(model: PrunedForCausalLM, index: int, dtype: torch.dtype, device: torch.device) -> PrunedDecoderLayer:
     """A layer of the current spec with uninitialised parameters (filled right after; no
     time is spent on a random init). Buffers are built normally: ``head_to_kv`` follows
@@ -112,7 +136,7 @@ def _empty_layer(model: PrunedForCausalLM, index: int, dtype: torch.dtype, devic
     with init_empty_weights(include_buffers=False):
         layer = PrunedDecoderLayer(model.config, model.config.layers[index], index)
     for name, param in list(layer.named_parameters()):
-        set_module_tensor_to_device(layer, name, device, value=torch.empty(param.shape, dtype=dtype))
+        set_module_tensor_to_device(layer, name, device, value=torch.empty(param.shape, dtype=dtype), dtype=dtype)
     return layer.to(device)
 
 
@@ -163,10 +187,22 @@ class DiskLayers(LayerResidency):
         outer = [n for n in self.checkpoint.files if not n.startswith("model.layers.")]
         self._set_source(outer)
         tied = self.model.config.tie_word_embeddings
+        stored = self.source.model.embed_tokens.weight.dtype
+        if stored.is_floating_point and stored.itemsize < torch.empty((), dtype=self.dtype).element_size():
+            # The embeddings and lm_head are the largest tensors held for the whole run;
+            # keeping them in the checkpoint's own 16-bit dtype loses nothing (those are
+            # the stored values) and halves them. They compute in the compute dtype.
+            with init_empty_weights():
+                self.model.model.embed_tokens = StoredDtypeEmbedding(*self.model.model.embed_tokens.weight.shape,
+                                                                     compute_dtype=self.dtype)
+                self.model.lm_head = StoredDtypeLinear(self.model.lm_head.in_features, self.model.lm_head.out_features)
         for name, param in self.model.named_parameters():
             if name.startswith("model.layers.") or (tied and name == "lm_head.weight"):
                 continue
-            set_module_tensor_to_device(self.model, name, self.device, value=torch.empty(param.shape, dtype=self.dtype))
+            keep = stored if name in ("model.embed_tokens.weight", "lm_head.weight") and isinstance(
+                self.model.model.embed_tokens, StoredDtypeEmbedding) else self.dtype
+            set_module_tensor_to_device(self.model, name, self.device, value=torch.empty(param.shape, dtype=keep),
+                                        dtype=keep)
         self.model.model.inv_freq = self.model.model.inv_freq.to(self.device)
         fill_outer(self.model, self.source)
         if tied:

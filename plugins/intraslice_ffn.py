@@ -392,8 +392,9 @@ def iterative_pca(samples: FFNSamples, kept: torch.Tensor, order: torch.Tensor, 
     q_sel = torch.zeros(width, k, dtype=torch.float32, device=device)
     q_sel[kept, torch.arange(k, device=device)] = 1.0
     fit, held = samples.split(cfg.holdout)
-    st = _Fit(fit, held, q_sel.clone(), q_sel.clone(), q_r.to(device=device, dtype=torch.float32),
+    st = _Fit(fit, held, q_sel, q_sel.clone(), q_r.to(device=device, dtype=torch.float32),
               down_weight.to(device=device, dtype=torch.float32), act)
+    del q_sel  # st owns it now (one [D, K] matrix less for the whole iteration)
     result = IterResult(q_a=st.q_a, q_b=st.q_b, q_r=st.q_r)
 
     def record(accepted: bool) -> None:
@@ -516,6 +517,10 @@ class IterPCAFFN(Component):
         summary: dict[str, Any] = {"intermediate": k, "damping": round(damping, 6), "iterated": False}
         chosen = iterated_layers(list(layer.allocation.mlp), float(params["iterate_fraction"]))
         if bool(params["iterate"]) and k > 0 and layer.index in chosen:
+            # The iteration needs samples, not second moments: free the Grams first (the
+            # D x D one of down_proj's input is the largest tensor of a wide layer).
+            del prepared, stats
+            layer.release_statistics()
             mlp = layer.layer.mlp
             x = layer.capture("mlp_in", int(params["max_tokens"]) if params["max_tokens"] else None)
             samples = FFNSamples.from_inputs(x, plan, mlp.act_fn)

@@ -192,3 +192,21 @@ def test_spill_refuses_overflow(tmp_path):
     store = DiskLayers(directory, tmp_path / "out", spill_dtype=torch.float16)
     with pytest.raises(FloatingPointError, match="overflow"):
         store.stash("big", [torch.full((2, 3), 1e6)])
+
+
+def test_16bit_checkpoint_keeps_outer_weights_narrow_and_exact(tmp_path, host, calib_ids):
+    """A bfloat16 checkpoint: embeddings/lm_head stay bfloat16 (half the memory) and the
+    pruned model equals in-memory pruning of the same checkpoint upcast to float32."""
+    source = tiny_model("llama-gqa", layers=2).to(torch.bfloat16)
+    directory = tmp_path / "bf16"
+    source.save_pretrained(directory)
+    store = DiskLayers(directory, tmp_path / "probe")
+    assert store.model.lm_head.weight.dtype == torch.bfloat16
+    assert store.model.model.embed_tokens(calib_ids[:1]).dtype == torch.float32
+    expected = _in_memory(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), "wanda-sp", calib_ids, host)
+    out = tmp_path / "pruned"
+    prune_offloaded(directory, out, "wanda-sp", 0.3, calib_ids, show_progress=False, host=host)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected(ids).logits)
