@@ -82,23 +82,41 @@ class Moments:
 def damped(matrix: torch.Tensor, relative: float) -> torch.Tensor:
     """matrix + relative * mean(diag) * I: the damping every decomposition here uses."""
     diag_mean = matrix.diagonal().mean().clamp_min(torch.finfo(matrix.dtype).tiny)
-    return matrix + relative * diag_mean * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    out = matrix.clone()  # the diagonal in place: no identity matrix of the same size is built
+    out.diagonal().add_(relative * diag_mean)
+    return out
 
 
-def solve_psd(a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
+def solve_psd(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    damping: float,
+    out_dtype: torch.dtype | None = None,
+    column_chunk: int | None = None,
+) -> torch.Tensor:
     """Solve (A + damping) X = B for symmetric PSD A in float64, with a fallback.
 
     Cholesky first; if A is still singular after damping (e.g. dead channels), the
     damping grows tenfold up to three times, then a least-squares solve is used.
+    ``column_chunk`` solves B a block of columns at a time (each block widened to float64
+    and the solution narrowed to ``out_dtype`` as it goes), so no float64 copy of a wide
+    B or X exists: for a [K, D] right-hand side of a wide FFN that is hundreds of MB.
     """
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    a64 = a.to(torch.float64)
     lam = damping
     for _ in range(4):
         chol, info = torch.linalg.cholesky_ex(damped(a64, lam))
         if int(info) == 0:
-            return torch.cholesky_solve(b64, chol)
+            if not column_chunk or column_chunk >= b.shape[1]:
+                x = torch.cholesky_solve(b.to(torch.float64), chol)
+                return x if out_dtype is None else x.to(out_dtype)
+            out = torch.empty(b.shape, dtype=out_dtype or torch.float64, device=b.device)
+            for s in range(0, b.shape[1], column_chunk):
+                out[:, s : s + column_chunk] = torch.cholesky_solve(b[:, s : s + column_chunk].to(torch.float64), chol)
+            return out
         lam = max(lam * 10, 1e-6)
-    return torch.linalg.lstsq(damped(a64, lam), b64).solution
+    x = torch.linalg.lstsq(damped(a64, lam), b.to(torch.float64)).solution
+    return x if out_dtype is None else x.to(out_dtype)
 
 
 def eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,10 +133,12 @@ def reconstruction_map(gram: torch.Tensor, kept: torch.Tensor, damping: float) -
     removed = removed_of(kept, width)
     if k == 0 or removed.numel() == 0:
         return q_r
-    h_kk = h[kept][:, kept]
+    rows = h[kept]  # gathered once: a [K, D] float64 copy
+    h_kk, h_kp = rows[:, kept], rows[:, removed]
+    del rows
     kk_mean = h_kk.diagonal().mean()
     relative = damping * float(h.diagonal().mean() / kk_mean) if kk_mean > 0 else damping
-    q_r[:, removed] = solve_psd(h_kk, h[kept][:, removed], relative)
+    q_r[:, removed] = solve_psd(h_kk, h_kp, relative)
     return q_r
 
 
@@ -290,6 +292,9 @@ class _Fit:
         return all(math.isfinite(v) and v < old for v, old in zip(values, self.values))
 
 
+SOLVE_COLUMNS = 512
+"""Right-hand-side columns per block when solving for the [K, D] map Q_r (memory only)."""
+
 PINV_DAMPING = 1e-6
 """Q_r Q_r^T >= I for the select-ls map (identity on the kept columns), so the pseudo-inverse
 needs only a token damping; the ridge of Eq. 8 would shrink the target."""
@@ -368,8 +373,10 @@ def _try_recompute_q_r(st: _Fit, damping: float) -> bool:
     Q_r = (R^T R + lambda I)^-1 R^T X_d; kept only if J drops."""
     r = st.fit.outputs()
     gram = (r.T @ r).to(torch.float64)
-    cross = (r.T @ st.fit.s.xd).to(torch.float64)
-    q_r = solve_psd(gram, cross, damping).to(torch.float32)
+    cross = r.T @ st.fit.s.xd  # widened to float64 block by block inside the solve
+    del r
+    q_r = solve_psd(gram, cross, damping, out_dtype=torch.float32, column_chunk=SOLVE_COLUMNS)
+    del gram, cross
     down = st.down_map(q_r)
     values = [p.objective(p.outputs(), down) for p in st.parts]
     if not st.improves(values):
@@ -534,7 +541,10 @@ class IterPCAFFN(Component):
                 ),
                 loss=str(params["loss"]), holdout=float(params["holdout"]), seed=int(layer.run.seed) + layer.index,
             )
-            res = iterative_pca(samples, kept, order, q_r, plan.down.weight, mlp.act_fn, cfg)
+            q_start = q_r.to(torch.float32)  # what the iteration starts from; the float64 copy can go
+            del q_r
+            res = iterative_pca(samples, kept, order, q_start, plan.down.weight, mlp.act_fn, cfg)
+            del q_start
             new = fused_plan(plan, kept, res.q_r, res.q_a, res.q_b)
             summary.update(
                 iterated=True, objective_start=res.trace[0], objective_end=res.trace[-1],
