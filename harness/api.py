@@ -186,6 +186,7 @@ def run_experiment(
     from harness.models import load_source_model
 
     t0 = time.perf_counter()
+    env = environment(spec.device)  # at the start: the code that runs, not HEAD when it ends
     host = host or PluginHost()
     profile, recipe = validate(spec, host)
     protocol = protocol_of(spec, profile)
@@ -260,7 +261,7 @@ def run_experiment(
                                    "meta": outcome.allocation.meta},
                     "transform": outcome.transform, "importance": outcome.importance_meta,
                     "layers": outcome.layers},
-        "environment": environment(spec.device),
+        "environment": env,
     }
     result = json.loads(json.dumps(result, default=_jsonable))
     if results_dir is not None:
