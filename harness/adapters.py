@@ -179,17 +179,21 @@ def _layer_spec(w: LayerWeights, shape: AttentionShape) -> dict:
     }
 
 
-def pruned_config_for(model: PreTrainedModel) -> PrunedConfig:
+def pruned_config_for(model: PreTrainedModel, layer_weights: list[LayerWeights] | None = None) -> PrunedConfig:
     """The harness-format config of a dense source model.
 
     Reads only shapes and bias flags, so it works on a source built on the meta device
     (offloaded pruning reads layers one at a time later, see ``harness.offload``).
+    ``layer_weights``: the layers already read, so a caller that needs them anyway does not
+    read (copy) every layer twice.
     """
     adapter = adapter_for(model)
     config = model.config
     shape = adapter.attention_shape(config)
     _, rope_scaling = _static_rope(model)
-    specs = [_layer_spec(adapter.read_layer(layer, shape), shape) for layer in model.model.layers]
+    if layer_weights is None:
+        layer_weights = [adapter.read_layer(layer, shape) for layer in model.model.layers]
+    specs = [_layer_spec(w, shape) for w in layer_weights]
     return PrunedConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -214,7 +218,10 @@ def fill_layer(target: nn.Module, source_layer: nn.Module, source: PreTrainedMod
     """Copy one dense source decoder layer into a freshly built harness-format layer."""
     adapter = adapter_for(source)
     shape = adapter.attention_shape(source.config)
-    w = adapter.read_layer(source_layer, shape)
+    _fill_from(target, adapter.read_layer(source_layer, shape), shape)
+
+
+def _fill_from(target: nn.Module, w: LayerWeights, shape: AttentionShape) -> None:
     attn, mlp = target.self_attn, target.mlp
     for name in ("q", "k", "v", "o"):
         _set(getattr(attn, f"{name}_proj"), getattr(w, name))
@@ -240,13 +247,17 @@ def to_pruned(model: PreTrainedModel) -> PrunedForCausalLM:
 
     At sparsity 0 the result computes the same logits as the source (tested per family).
     """
-    pruned_config = pruned_config_for(model)
+    adapter = adapter_for(model)
+    shape = adapter.attention_shape(model.config)
+    weights = [adapter.read_layer(layer, shape) for layer in model.model.layers]
+    pruned_config = pruned_config_for(model, weights)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     pruned = PrunedForCausalLM(pruned_config).to(dtype=dtype)
     fill_outer(pruned, model)
-    for layer, source_layer in zip(pruned.model.layers, model.model.layers):
-        fill_layer(layer, source_layer, model)
+    with torch.no_grad():
+        for layer, w in zip(pruned.model.layers, weights):
+            _fill_from(layer, w, shape)
     if pruned_config.tie_word_embeddings:
         pruned.tie_weights()
     return pruned.to(device).eval()

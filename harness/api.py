@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from harness.manager import PluginHost
 from harness.params import param_report
 from harness.perplexity import perplexity
 from harness.profiles import Profile, get_profile, with_overrides
-from harness.results import environment, write_result
+from harness.results import environment, peak_rss_mb, write_result
 from harness.runner import check_sparsity, prune
 
 RESULT_SCHEMA = 1
@@ -85,10 +84,6 @@ def validate(spec: RunSpec, host: PluginHost) -> tuple[Profile, Any]:
 
     check_model_name(spec.model)
     return profile, recipe
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def dense_metrics_key(spec: RunSpec, profile: Profile, fingerprint: str, windows: dict[str, torch.Tensor],
@@ -228,7 +223,7 @@ def run_experiment(
     pruned = run.model
     stages.update({f"prune.{k}": v for k, v in outcome.stage_seconds.items()})
     stages["prune"] = sum(outcome.stage_seconds.get(k, 0.0) for k in ("transform", "importance", "allocation", "layer_loop"))
-    peak_after_prune = _peak_rss_mb()
+    peak_after_prune = peak_rss_mb()
 
     start = time.perf_counter()
     pruned_metrics = _evaluate(spec, profile, pruned, tokenizer, windows, show_progress)
@@ -256,7 +251,7 @@ def run_experiment(
         "params": {"dense": params["dense"], "pruned": params["pruned"]},
         "metrics": {"dense": dense_metrics, "pruned": pruned_metrics},
         "timings": {"stages_s": stages, "inference": timings_inference},
-        "memory": {"peak_rss_mb": _peak_rss_mb(), "peak_rss_after_prune_mb": peak_after_prune},
+        "memory": {"peak_rss_mb": peak_rss_mb(), "peak_rss_after_prune_mb": peak_after_prune},
         "pruning": {"allocation": {"attention": outcome.allocation.attention, "mlp": outcome.allocation.mlp,
                                    "meta": outcome.allocation.meta},
                     "transform": outcome.transform, "importance": outcome.importance_meta,

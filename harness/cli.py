@@ -212,13 +212,12 @@ def cmd_offload(args: argparse.Namespace) -> int:
 
     from harness.cache import atomic_write_json
     from harness.data import calibration_batch, evaluation_windows, load_corpus
+    from harness.models import parse_dtype
     from harness.offload import prune_offloaded, release_freed_memory
 
     if not Path(args.model).is_dir():
         raise UsageError(f"--model must be a local checkpoint directory (safetensors), got {args.model!r}")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}.get(args.dtype)
-    if dtype is None:
-        raise UsageError(f"--dtype must be float32, bfloat16 or float64, got {args.dtype!r}")
+    dtype = parse_dtype(args.dtype)
     spill = None
     if args.spill_activations:
         spill = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.spill_activations)

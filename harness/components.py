@@ -23,7 +23,7 @@ class Component:
     (offloaded pruning, ``harness.offload``). ``None`` means the kind's default: the
     layer-loop kinds (attention, ffn) and allocation see one layer or only shapes, so they
     do; transform and importance usually run the whole model, so they must opt in
-    (by reading layers through ``run.layers``)."""
+    (by reading layers through ``run.residency``)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -170,7 +170,8 @@ def models_cache_dir() -> Path:
 # --------------------------------------------------------------------------- options
 
 
-def _parse_dtype(dtype: str) -> torch.dtype:
+def parse_dtype(dtype: str) -> torch.dtype:
+    """A dtype name from the command line (one error message for every command)."""
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -589,7 +590,7 @@ def load_source_model(name_or_path: str, device: str = "cpu", dtype: str = "floa
     one-line message before any expensive work. Parameters keep ``requires_grad``: the
     gradient-based importance stage needs to decide that itself.
     """
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     torch_device = _parse_device(device)
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise UsageError(f"model must be a name or a path; registered models: {_offline_names()}")

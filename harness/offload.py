@@ -51,6 +51,7 @@ from harness.manager import PluginHost
 from harness.params import decoder_params
 from harness.perplexity import PerplexityResult, result_from_nll, sequence_nll
 from harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
+from harness.results import peak_rss_mb
 
 INDEX_FILE = "model.safetensors.index.json"
 OUTER_SHARD = "model-outer.safetensors"
@@ -342,12 +343,6 @@ def streamed_perplexity(
         logits = model.lm_head(model.model.norm(hidden[start : start + batch_size]))
         total += float(sequence_nll(logits, ids))
     return result_from_nll(total, windows.shape[0] * (windows.shape[1] - 1))
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def prune_offloaded(

@@ -33,6 +33,13 @@ from harness.errors import UsageError
 TOP_LEVEL_KEYS = ("schema", "spec", "recipe", "sparsity", "params", "metrics", "timings", "memory", "pruning", "environment")
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def write_result(path: Path, result: dict[str, Any]) -> Path:
     """Write atomically (temp file + rename): a crash never leaves a half-written result."""
     missing = [k for k in TOP_LEVEL_KEYS if k not in result]

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +75,7 @@ from harness.context import RunContext, position_ids
 from harness.contracts import Importance
 from harness.hookspecs import hookimpl
 from harness.pruned_model import PrunedForCausalLM
+from harness.results import peak_rss_mb
 
 CACHE_KIND = "mask-grad"
 CACHE_VERSION = 1
@@ -348,11 +348,6 @@ class _Accumulator:
         ]
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def mask_importance(
     model: PrunedForCausalLM,
     batches: Callable[[], Any],
@@ -409,7 +404,7 @@ def _importance(
         "attention_total": [float(h.sum()) for h in heads],
         "mlp_total": [float(m.sum()) for m in mlp],
         "seconds": time.perf_counter() - start,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     return ChannelImportance(attention=heads, mlp=mlp, meta=meta, attention_channels=channels)
 
