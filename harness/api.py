@@ -142,27 +142,9 @@ def _lm_eval_version() -> str:
 
 
 def _timing(spec, profile, source_model, pruned_model) -> dict[str, Any]:
-    from harness import timing
+    from harness.timing import measure_against_dense
 
-    t = profile.timing
-    device = torch.device(spec.device)
-    common = dict(batch=t["batch"], seqlen=t["seqlen"], decode_tokens=t["decode_tokens"], kv_len=t["kv_len"],
-                  warmup=t["warmup"], repeats=t["repeats"], device=device)
-    dense = timing.time_model(source_model, vocab_size=source_model.config.vocab_size, **common)
-    pruned = timing.time_model(pruned_model, vocab_size=pruned_model.config.vocab_size, **common)
-    dense_layer_model = to_pruned(source_model)
-    n_layers = len(pruned_model.model.layers)
-    # One decoder layer alone (the paper's Appendix F), on evenly spaced layers: a
-    # non-uniform allocation makes layers differ, so a few are timed, not just one.
-    count = t.get("layers") or n_layers
-    chosen = sorted({round(i * (n_layers - 1) / max(count - 1, 1)) for i in range(min(count, n_layers))})
-    layer = timing.compare_layers(dense_layer_model, pruned_model, layers=chosen, **common)
-    return {
-        "dense": dense, "pruned": pruned, "ratios": timing.compare_to_dense(dense, pruned),
-        "layer": layer,
-        "weight_bytes": {"dense": timing.weight_bytes(source_model), "pruned": timing.weight_bytes(pruned_model)},
-        "settings": dict(t), "device": str(device),
-    }
+    return measure_against_dense(source_model, pruned_model, profile.timing, torch.device(spec.device))
 
 
 def result_path(results_dir: str | Path, spec: RunSpec, recipe_name: str, protocol: str) -> Path:

@@ -93,6 +93,7 @@ def solve_psd(
     damping: float,
     out_dtype: torch.dtype | None = None,
     column_chunk: int | None = None,
+    overwrite_a: bool = False,
 ) -> torch.Tensor:
     """Solve (A + damping) X = B for symmetric PSD A in float64, with a fallback.
 
@@ -101,20 +102,46 @@ def solve_psd(
     ``column_chunk`` solves B a block of columns at a time (each block widened to float64
     and the solution narrowed to ``out_dtype`` as it goes), so no float64 copy of a wide
     B or X exists: for a [K, D] right-hand side of a wide FFN that is hundreds of MB.
+    ``overwrite_a`` lets the solve damp a float64 ``a`` in place instead of copying it (the
+    caller gives it up: its diagonal is changed afterwards); the result is the same.
     """
     a64 = a.to(torch.float64)
     lam = damping
+    if overwrite_a or a64.data_ptr() != a.data_ptr():  # a copy made here is ours to damp in place
+        diag = a64.diagonal()
+        diag_mean = diag.mean().clamp_min(torch.finfo(a64.dtype).tiny)
+        original = diag.clone()
+        for _ in range(4):
+            diag.copy_(original).add_(lam * diag_mean)  # the same A + lam * mean(diag A) * I as damped()
+            chol, info = torch.linalg.cholesky_ex(a64)
+            if int(info) == 0:
+                del a64, diag
+                return _cholesky_solve_columns(b, chol, out_dtype, column_chunk)
+            lam = max(lam * 10, 1e-6)
+        diag.copy_(original)
+        return _lstsq(a64, b, lam, out_dtype)
     for _ in range(4):
         chol, info = torch.linalg.cholesky_ex(damped(a64, lam))
         if int(info) == 0:
-            if not column_chunk or column_chunk >= b.shape[1]:
-                x = torch.cholesky_solve(b.to(torch.float64), chol)
-                return x if out_dtype is None else x.to(out_dtype)
-            out = torch.empty(b.shape, dtype=out_dtype or torch.float64, device=b.device)
-            for s in range(0, b.shape[1], column_chunk):
-                out[:, s : s + column_chunk] = torch.cholesky_solve(b[:, s : s + column_chunk].to(torch.float64), chol)
-            return out
+            return _cholesky_solve_columns(b, chol, out_dtype, column_chunk)
         lam = max(lam * 10, 1e-6)
+    return _lstsq(a64, b, lam, out_dtype)
+
+
+def _cholesky_solve_columns(
+    b: torch.Tensor, chol: torch.Tensor, out_dtype: torch.dtype | None, column_chunk: int | None
+) -> torch.Tensor:
+    if not column_chunk or column_chunk >= b.shape[1]:
+        x = torch.cholesky_solve(b.to(torch.float64), chol)
+        return x if out_dtype is None else x.to(out_dtype)
+    out = torch.empty(b.shape, dtype=out_dtype or torch.float64, device=b.device)
+    for s in range(0, b.shape[1], column_chunk):
+        out[:, s : s + column_chunk] = torch.cholesky_solve(b[:, s : s + column_chunk].to(torch.float64), chol)
+    return out
+
+
+def _lstsq(a64: torch.Tensor, b: torch.Tensor, lam: float, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The last resort of ``solve_psd``: least squares on the most damped matrix."""
     x = torch.linalg.lstsq(damped(a64, lam), b.to(torch.float64)).solution
     return x if out_dtype is None else x.to(out_dtype)
 

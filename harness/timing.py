@@ -693,3 +693,40 @@ def compare_to_dense(dense_timings: dict[str, Any], pruned_timings: dict[str, An
     if not out:
         raise UsageError("no timing keys in common to compare (expected time_model / time_decoder_layer results)")
     return out
+
+
+def measure_against_dense(
+    source_model: nn.Module,
+    pruned_model: nn.Module,
+    settings: dict[str, int],
+    device: torch.device,
+    dense: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The protocol's timing block: whole-model prefill/decode of the dense and the pruned
+    model, and a few evenly spaced decoder layers side by side, with their ratios.
+
+    ``settings`` is a profile's ``timing`` dict (batch, seqlen, decode_tokens, kv_len,
+    warmup, repeats, layers: how many layers to time, 0 = all). ``dense`` reuses an
+    earlier `time_model` result of the source model taken under the same settings (a
+    speed sweep times the dense model once, not once per pruned model).
+    """
+    from harness.adapters import to_pruned
+
+    common = dict(batch=settings["batch"], seqlen=settings["seqlen"], decode_tokens=settings["decode_tokens"],
+                  kv_len=settings["kv_len"], warmup=settings["warmup"], repeats=settings["repeats"], device=device)
+    if dense is None:
+        dense = time_model(source_model, vocab_size=source_model.config.vocab_size, **common)
+    pruned = time_model(pruned_model, vocab_size=pruned_model.config.vocab_size, **common)
+    dense_layer_model = to_pruned(source_model)
+    n_layers = len(pruned_model.model.layers)
+    # One decoder layer alone (the paper's Appendix F), on evenly spaced layers: a
+    # non-uniform allocation makes layers differ, so a few are timed, not just one.
+    count = settings.get("layers") or n_layers
+    chosen = sorted({round(i * (n_layers - 1) / max(count - 1, 1)) for i in range(min(count, n_layers))})
+    layer = compare_layers(dense_layer_model, pruned_model, layers=chosen, **common)
+    return {
+        "dense": dense, "pruned": pruned, "ratios": compare_to_dense(dense, pruned),
+        "layer": layer,
+        "weight_bytes": {"dense": weight_bytes(source_model), "pruned": weight_bytes(pruned_model)},
+        "settings": dict(settings), "device": str(device),
+    }

@@ -81,15 +81,25 @@ from harness.hookspecs import hookimpl
 from harness.stats import solve_psd
 from harness.surgery import keep_channels, mlp_plan_of
 
-
 # ----- selection and the least-squares reconstruction (Eq. 8) ---------------------------------
+SCORE_COLUMNS = 512
+"""Columns of down_proj squared at a time in ``channel_scores`` (memory only; bitwise the same)."""
+
+
 def channel_scores(down_weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Amplitude score of every intermediate channel: ||W_down[:, j]||^2 * (X_d^T X_d)_jj.
 
     It is the energy channel j sends into the layer output (the diagonal term of the
     output's second moment), so the lowest-scoring channels are the cheapest to drop.
     """
-    return down_weight.to(torch.float64).pow(2).sum(0) * gram.diagonal().to(torch.float64).clamp_min(0)
+    width = down_weight.shape[1]
+    # Column blocks: the float64 square of a whole wide down_proj would be two [hidden, D]
+    # float64 temporaries (184 MB at 2048 x 5632) while the D x D Gram is also resident.
+    energy = torch.cat([
+        down_weight[:, s : s + SCORE_COLUMNS].to(torch.float64).pow(2).sum(0)
+        for s in range(0, width, SCORE_COLUMNS)
+    ]) if width else down_weight.new_zeros(0, dtype=torch.float64)
+    return energy * gram.diagonal().to(torch.float64).clamp_min(0)
 
 
 def select_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -118,28 +128,93 @@ def effective_damping(damping: float, sample_damping: float, regressors: int, to
     return float(damping) + float(sample_damping) * regressors / max(int(tokens), 1)
 
 
+FUSE_ROWS = 512
+"""Output rows of down_proj fused at a time by ``Reconstruction.fused_down`` (memory only)."""
+
+
+@dataclass
+class RidgeProblem:
+    """The blocks of Eq. 8 that the solve needs, cut out of the D x D Gram H of X_d.
+
+    Holding only ``H_kk`` [K, K] and ``H_kp`` [K, D-K] (gathered directly, without a [K, D]
+    intermediate) lets the caller drop the full Gram before the solve: on a 5632-wide FFN
+    the Gram is 254 MB in float64 and the kept-row gather another 176 MB.
+    """
+
+    h_kk: torch.Tensor
+    h_kp: torch.Tensor
+    kept: torch.Tensor
+    removed: torch.Tensor
+    relative: float
+    width: int
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, kept: torch.Tensor, damping: float) -> RidgeProblem:
+        """lambda = ``damping`` * mean(diag H) of the whole Gram; solve_psd scales its damping
+        by the sub-matrix's own diagonal mean, hence the conversion to ``relative``."""
+        h = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+        width = h.shape[0]
+        removed = removed_of(kept, width)
+        h_kk = h[kept.unsqueeze(1), kept.unsqueeze(0)]
+        h_kp = h[kept.unsqueeze(1), removed.unsqueeze(0)]
+        kk_mean = h_kk.diagonal().mean() if kept.numel() else torch.zeros((), dtype=torch.float64)
+        relative = damping * float(h.diagonal().mean() / kk_mean) if kk_mean > 0 else damping
+        return cls(h_kk=h_kk, h_kp=h_kp, kept=kept, removed=removed, relative=relative, width=width)
+
+    def solve(self) -> Reconstruction:
+        """Q_t = (H_kk + lambda I)^-1 H_kp; H_kk is damped and factored in place (consumed)."""
+        if self.kept.numel() == 0 or self.removed.numel() == 0:
+            q_t = torch.zeros(self.kept.numel(), self.removed.numel(), dtype=torch.float64, device=self.h_kp.device)
+        else:
+            q_t = solve_psd(self.h_kk, self.h_kp, self.relative, overwrite_a=True)
+        self.h_kk = self.h_kp = torch.empty(0, dtype=torch.float64)
+        return Reconstruction(kept=self.kept, removed=self.removed, q_t=q_t, width=self.width)
+
+
+@dataclass
+class Reconstruction:
+    """Q_r of Eq. 8 in factored form: the identity on the kept channels and the ridge
+    solution ``Q_t`` [K, D-K] on the removed ones. ``dense()`` is the [K, D] matrix; the
+    fused down_proj is computed from the factors, so the float64 [K, D] matrix is never
+    built for a layer that is not iterated."""
+
+    kept: torch.Tensor
+    removed: torch.Tensor
+    q_t: torch.Tensor
+    width: int
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        k = self.kept.numel()
+        q_r = torch.zeros(k, self.width, dtype=dtype, device=self.q_t.device)
+        q_r[torch.arange(k, device=q_r.device), self.kept] = 1.0
+        if self.removed.numel():
+            q_r[:, self.removed] = self.q_t.to(dtype)
+        return q_r
+
+    def fused_down(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W Q_r^T`` = ``W[:, kept] + W[:, removed] Q_t^T``, in float64, in W's dtype.
+
+        A block of output rows at a time, so the float64 copies are of one block of W,
+        not of the whole [hidden, D] matrix."""
+        out = torch.empty(weight.shape[0], self.kept.numel(), dtype=weight.dtype, device=weight.device)
+        for s in range(0, weight.shape[0], FUSE_ROWS):
+            w = weight[s : s + FUSE_ROWS].to(torch.float64)
+            down = w[:, self.kept]
+            if self.removed.numel():
+                down += w[:, self.removed] @ self.q_t.T
+            out[s : s + FUSE_ROWS] = down
+        return out
+
+
 def reconstruction_map(gram: torch.Tensor, kept: torch.Tensor, damping: float) -> torch.Tensor:
     """Q_r [K, D] of Eq. 8 such that ``X_d ~= X_d[:, kept] @ Q_r``, in float64.
 
     Kept columns are the identity; the removed columns are the ridge regression of the
     removed channels on the kept ones, ``(H_kk + lambda I)^-1 H_kp``, with lambda =
-    ``damping`` * mean(diag H) of the whole Gram (solve_psd scales its damping by the
-    sub-matrix's own diagonal mean, hence the conversion).
+    ``damping`` * mean(diag H) of the whole Gram (``RidgeProblem``; the components use the
+    factored ``Reconstruction`` directly).
     """
-    h = gram.to(torch.float64)
-    width, k = h.shape[0], kept.numel()
-    q_r = torch.zeros(k, width, dtype=torch.float64, device=h.device)
-    q_r[torch.arange(k, device=h.device), kept] = 1.0
-    removed = removed_of(kept, width)
-    if k == 0 or removed.numel() == 0:
-        return q_r
-    rows = h[kept]  # gathered once: a [K, D] float64 copy
-    h_kk, h_kp = rows[:, kept], rows[:, removed]
-    del rows
-    kk_mean = h_kk.diagonal().mean()
-    relative = damping * float(h.diagonal().mean() / kk_mean) if kk_mean > 0 else damping
-    q_r[:, removed] = solve_psd(h_kk, h_kp, relative)
-    return q_r
+    return RidgeProblem.from_gram(gram, kept, damping).solve().dense()
 
 
 def ffn_output_error(gram: torch.Tensor, count: int, down_weight: torch.Tensor, kept: torch.Tensor,
@@ -159,16 +234,20 @@ def ffn_output_error(gram: torch.Tensor, count: int, down_weight: torch.Tensor, 
     return float(torch.einsum("dh,de,eh->", m, h, m) / max(count, 1))
 
 
-def fused_plan(plan: MLPPlan, kept: torch.Tensor, q_r: torch.Tensor | None,
+def fused_plan(plan: MLPPlan, kept: torch.Tensor, q_r: torch.Tensor | Reconstruction | None,
                q_a: torch.Tensor | None = None, q_b: torch.Tensor | None = None) -> MLPPlan:
     """The pruned MLP: gate/up = kept rows (or the dense maps Q_b/Q_a fused in), down =
-    ``W_down Q_r^T`` (or its kept columns when ``q_r`` is None). Same K either way."""
+    ``W_down Q_r^T`` (or its kept columns when ``q_r`` is None). Same K either way.
+    ``q_r`` is a dense [K, D] map or a factored ``Reconstruction``."""
     new = keep_channels(plan, kept)
     if q_a is not None and q_b is not None:
         new = replace(new, gate=_fuse_rows(plan.gate, q_b), up=_fuse_rows(plan.up, q_a))
     if q_r is not None:
         w = plan.down.weight
-        down = (w.to(torch.float64) @ q_r.to(torch.float64).T).to(w.dtype).contiguous()
+        if isinstance(q_r, Reconstruction):
+            down = q_r.fused_down(w)
+        else:
+            down = (w.to(torch.float64) @ q_r.to(torch.float64).T).to(w.dtype).contiguous()
         new = replace(new, down=LinearWeights(weight=down, bias=None if plan.down.bias is None else plan.down.bias.clone()))
     return new
 
@@ -483,8 +562,10 @@ class SelectLSFFN(Component):
         plan, stats, scores, k = prepared
         kept = select_channels(scores, k)
         damping = effective_damping(params["damping"], params["sample_damping"], k, stats.count)
-        q_r = reconstruction_map(stats.gram, kept, damping)
-        new = fused_plan(plan, kept, q_r)
+        problem = RidgeProblem.from_gram(stats.gram, kept, damping)
+        del prepared, stats
+        layer.release_statistics()  # the D x D Gram is not needed past this point
+        new = fused_plan(plan, kept, problem.solve())
         new.summary = {"intermediate": k, "damping": round(damping, 6)}
         return new
 
@@ -520,14 +601,16 @@ class IterPCAFFN(Component):
         plan, stats, scores, k = prepared
         kept = select_channels(scores, k)
         damping = effective_damping(params["damping"], params["sample_damping"], k, stats.count)
-        q_r = reconstruction_map(stats.gram, kept, damping)
+        problem = RidgeProblem.from_gram(stats.gram, kept, damping)
+        # Neither the solve nor the iteration needs second moments any more: free the Grams
+        # first (the D x D one of down_proj's input is the largest tensor of a wide layer).
+        del prepared, stats
+        layer.release_statistics()
+        q_r = problem.solve()
+        del problem
         summary: dict[str, Any] = {"intermediate": k, "damping": round(damping, 6), "iterated": False}
         chosen = iterated_layers(list(layer.allocation.mlp), float(params["iterate_fraction"]))
         if bool(params["iterate"]) and k > 0 and layer.index in chosen:
-            # The iteration needs samples, not second moments: free the Grams first (the
-            # D x D one of down_proj's input is the largest tensor of a wide layer).
-            del prepared, stats
-            layer.release_statistics()
             mlp = layer.layer.mlp
             x = layer.capture("mlp_in", int(params["max_tokens"]) if params["max_tokens"] else None)
             samples = FFNSamples.from_inputs(x, plan, mlp.act_fn)
@@ -541,7 +624,7 @@ class IterPCAFFN(Component):
                 ),
                 loss=str(params["loss"]), holdout=float(params["holdout"]), seed=int(layer.run.seed) + layer.index,
             )
-            q_start = q_r.to(torch.float32)  # what the iteration starts from; the float64 copy can go
+            q_start = q_r.dense(torch.float32)  # what the iteration starts from
             del q_r
             res = iterative_pca(samples, kept, order, q_start, plan.down.weight, mlp.act_fn, cfg)
             del q_start

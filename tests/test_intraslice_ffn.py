@@ -19,6 +19,7 @@ from harness.testing import tiny_model
 from plugins.intraslice_ffn import (
     FFNSamples,
     IterConfig,
+    RidgeProblem,
     channel_scores,
     effective_damping,
     ffn_output_error,
@@ -149,6 +150,23 @@ def test_select_keeps_the_highest_scores_and_ls_uses_the_gram() -> None:
     q_r = reconstruction_map(h, kept, 1e-9)
     assert torch.allclose(x[:, kept] @ q_r, x, atol=1e-6)
     assert ffn_output_error(h, 400, w, kept, q_r) < 1e-10 < ffn_output_error(h, 400, w, kept, None)
+
+
+@pytest.mark.parametrize("k", [0, 3, 17, 24])
+def test_factored_reconstruction_fuses_like_the_dense_map(k: int) -> None:
+    """The components never build the float64 [K, D] Q_r: ``Reconstruction.fused_down``
+    (W[:, kept] + W[:, removed] Q_t^T) must give the dense map's W Q_r^T."""
+    torch.manual_seed(1)
+    x = torch.randn(200, 24, dtype=torch.float64)
+    h, w = x.T @ x, torch.randn(16, 24)
+    kept = select_channels(channel_scores(w, h), k)
+    rec = RidgeProblem.from_gram(h, kept, 0.01).solve()
+    dense = reconstruction_map(h, kept, 0.01)
+    assert dense.shape == (k, 24)
+    torch.testing.assert_close(rec.dense(), dense, rtol=0, atol=0)
+    torch.testing.assert_close(rec.fused_down(w), (w.double() @ dense.T).float(), rtol=1e-6, atol=1e-6)
+    if 0 < k < 24:
+        assert not torch.equal(rec.dense()[:, rec.removed], torch.zeros(k, 24 - k, dtype=torch.float64))
 
 
 def test_effective_damping_shrinks_with_tokens() -> None:

@@ -1,0 +1,157 @@
+"""Speed of many pruned models against one dense model, timed in one process (the paper's Figure 10).
+
+Each ``prunebench run`` already times its pruned model against dense, but runs made side by
+side on a shared machine give latencies that mean little. This script times saved pruned
+models (``prunebench run ... --save DIR``) one after another on a machine left idle for it,
+the dense model once before and once after them (the drift between the two is printed: if
+it is large, the machine was not idle). Latency depends on the shapes only, so
+``--shapes-only`` builds each model from its ``config.json`` with random weights instead of
+loading them.
+
+    python scripts/speed_sweep.py /tmp/models/* --profile offline --json results/speed/speed.json \\
+        --markdown results/speed/table.md --plot results/speed/speed.png
+
+A model directory is labelled ``<method>_<sparsity>`` by its name (``--save`` folders named
+that way); the achieved sparsity and the share of attention parameters kept come from the
+model itself. A method that keeps every attention parameter cannot shrink attention's
+cost, whose share of a layer's time grows with the context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.adapters import to_pruned
+from harness.cache import atomic_write_json
+from harness.models import load_source_model
+from harness.params import attention_params, decoder_params
+from harness.profiles import get_profile
+from harness.pruned_model import PrunedConfig, PrunedForCausalLM, register_auto_classes
+from harness.timing import measure_against_dense, time_model
+
+COLUMNS = (
+    ("prefill", ("ratios", "prefill_latency_ratio")),
+    ("decode", ("ratios", "decode_latency_ratio")),
+    ("layer prefill", ("layer", "ratios", "layer_prefill_latency_ratio")),
+    ("layer decode", ("layer", "ratios", "layer_decode_latency_ratio")),
+)
+
+
+def label_of(directory: Path) -> tuple[str, float | None]:
+    match = re.fullmatch(r"(.+)_([0-9.]+)", directory.name)
+    return (match.group(1), float(match.group(2))) if match else (directory.name, None)
+
+
+def load_pruned(directory: Path, shapes_only: bool) -> PrunedForCausalLM:
+    register_auto_classes()
+    if shapes_only:
+        torch.manual_seed(0)
+        return PrunedForCausalLM(PrunedConfig.from_pretrained(directory)).eval()
+    return PrunedForCausalLM.from_pretrained(directory).eval()
+
+
+def dig(d: dict[str, Any], path: tuple[str, ...]) -> float:
+    for key in path:
+        d = d[key]
+    return float(d)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| method | target | achieved | attention kept | " + " | ".join(f"{c} x" for c, _ in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
+    for r in sorted(rows, key=lambda r: (r["method"], r["target"] or 0)):
+        cells = [r["method"], f"{r['target']:.2f}" if r["target"] is not None else "-", f"{r['achieved']:.3f}",
+                 f"{r['attention_kept']:.2f}"] + [f"{r[c]:.3f}" for c, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4 * len(COLUMNS), 3.4), sharey=True)
+    methods = sorted({r["method"] for r in rows})
+    for ax, (column, _) in zip(axes, COLUMNS):
+        for method in methods:
+            pts = sorted((r["achieved"], r[column]) for r in rows if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{column} latency / dense")
+        ax.set_xlabel("achieved decoder sparsity")
+    axes[0].set_ylabel("latency ratio (lower is faster)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="saved pruned model folders named <method>_<sparsity>")
+    parser.add_argument("--base", default="smollm2-135m", help="the dense model they were pruned from")
+    parser.add_argument("--profile", default="offline", help="whose timing settings to use")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes-only", action="store_true", help="random weights from each config.json")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+
+    settings = get_profile(args.profile).timing
+    device = torch.device(args.device)
+    source = load_source_model(args.base, device=args.device).model
+    dense_params = to_pruned(source)
+    dense_decoder = decoder_params(dense_params)
+    dense_attention = sum(attention_params(layer) for layer in dense_params.model.layers)
+    del dense_params
+    common = {k: settings[k] for k in ("batch", "seqlen", "decode_tokens", "kv_len", "warmup", "repeats")}
+    start = time.perf_counter()
+    dense_before = time_model(source, vocab_size=source.config.vocab_size, device=device, **common)
+    rows, raw = [], []
+    for folder in map(Path, args.models):
+        method, target = label_of(folder)
+        model = load_pruned(folder, args.shapes_only).to(device)
+        timing = measure_against_dense(source, model, settings, device, dense=dense_before)
+        row = {
+            "method": method, "target": target, "folder": str(folder),
+            "achieved": 1.0 - decoder_params(model) / dense_decoder,
+            "attention_kept": sum(attention_params(layer) for layer in model.model.layers) / dense_attention,
+        }
+        row.update({column: dig(timing, path) for column, path in COLUMNS})
+        rows.append(row)
+        raw.append({"folder": str(folder), "timing": timing})
+        print(f"{method:12s} {target}: achieved {row['achieved']:.3f}, attention kept {row['attention_kept']:.2f}, "
+              + ", ".join(f"{c} x{row[c]:.3f}" for c, _ in COLUMNS), flush=True)
+        del model
+    dense_after = time_model(source, vocab_size=source.config.vocab_size, device=device, **common)
+    drift = {k: dense_after[k] / dense_before[k] for k in ("prefill_s", "decode_s_per_token")}
+    print(f"dense drift over the sweep (after / before): prefill x{drift['prefill_s']:.3f}, "
+          f"decode x{drift['decode_s_per_token']:.3f}; {time.perf_counter() - start:.0f} s")
+    table = markdown(rows)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table)
+    if args.plot:
+        plot(rows, Path(args.plot))
+    if args.json:
+        atomic_write_json(Path(args.json), json.loads(json.dumps(
+            {"settings": settings, "device": str(device), "threads": torch.get_num_threads(), "base": args.base,
+             "shapes_only": args.shapes_only, "dense_drift": drift, "dense": dense_before, "rows": rows, "raw": raw},
+            default=str)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
