@@ -183,6 +183,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     results = load_results(args.paths)
     if not results:
         raise UsageError(f"no result files found in {', '.join(args.paths)}")
+    if args.sweep:
+        from harness.report import sweep_markdown, sweep_plot
+
+        try:
+            table = sweep_markdown(results, args.sweep)
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+        print(table)
+        if args.markdown:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.markdown).write_text(table + "\n")
+            print(f"markdown: {args.markdown}")
+        if args.plots:
+            print(f"plot: {sweep_plot(results, args.sweep, Path(args.plots) / 'sweep.png')}")
+        return 0
     print_rich(results)
     text = markdown(results)
     if args.markdown:
@@ -360,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--plots", help="write PNG plots into this folder")
     rep.add_argument("--cost", help="write the pruning-cost table (time, ratio, peak memory) here")
     rep.add_argument("--cost-reference", default="slicegpt", help="method whose pruning time is 1 in the cost table")
+    rep.add_argument("--sweep", metavar="FIELD",
+                     help="one row per result against this dotted result field (e.g. "
+                          "recipe.components.allocation.params.lambda_b), across protocols; --plots gets sweep.png")
     rep.set_defaults(func=cmd_report)
     return parser
 

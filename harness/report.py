@@ -117,6 +117,74 @@ def cost_markdown(results: list[dict[str, Any]], reference: str = "slicegpt") ->
     return tabulate([[format_cell(c) for c in row] for row in body], headers=header, tablefmt="github")
 
 
+def field_value(result: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of a result (``spec.protocol.profile.calibration_samples``,
+    ``recipe.components.allocation.params.lambda_b``); KeyError names the missing part."""
+    value: Any = result
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"result has no {path!r} (no {part!r})")
+        value = value[part]
+    return value
+
+
+def _has_field(result: dict[str, Any], path: str) -> bool:
+    try:
+        field_value(result, path)
+    except KeyError:
+        return False
+    return True
+
+
+def sweep_rows(results: list[dict[str, Any]], key: str) -> tuple[list[str], list[list[Any]]]:
+    """One row per result, ordered by method, sparsity and the swept value: a sweep varies
+    one setting (a component parameter, the calibration size) across runs that may belong
+    to different protocols, so unlike ``rows`` this table spans protocol groups. Results
+    without the field (e.g. a recipe whose allocation has no such parameter) are left out."""
+    sources = sorted({s for r in results for s in r["metrics"]["pruned"].get("ppl", {})})
+    label = key.rsplit(".", 1)[-1]
+    header = ["method", "sparsity", label, "achieved", *[f"PPL {s}" for s in sources], "avg acc", "prune s"]
+    out = []
+    having = [r for r in results if _has_field(r, key)]
+    if not having:
+        field_value(results[0], key)  # raises KeyError naming the missing part
+    for r in having:
+        m = r["metrics"]["pruned"]
+        out.append([r["spec"].get("method", r["recipe"]["name"]), r["sparsity"]["target"], field_value(r, key),
+                    r["sparsity"]["achieved"], *[m["ppl"].get(s) for s in sources],
+                    (m.get("zeroshot") or {}).get("average"), r["timings"]["stages_s"].get("prune")])
+    out.sort(key=lambda row: (str(row[0]), row[1], row[2]))
+    return header, out
+
+
+def sweep_markdown(results: list[dict[str, Any]], key: str) -> str:
+    header, body = sweep_rows(results, key)
+    table = tabulate([[format_cell(c) for c in row] for row in body], headers=header, tablefmt="github")
+    left_out = len(results) - len(body)
+    return table + (f"\n\n({left_out} result(s) without `{key}` left out)" if left_out else "")
+
+
+def sweep_plot(results: list[dict[str, Any]], key: str, path: str | Path) -> Path:
+    """Perplexity per evaluation source against the swept value, one line per method and sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, body = sweep_rows(results, key)
+    ppl_columns = [i for i, h in enumerate(header) if h.startswith("PPL ")]
+    fig, axes = plt.subplots(1, len(ppl_columns), figsize=(4.2 * len(ppl_columns), 3.4), squeeze=False)
+    for ax, col in zip(axes[0], ppl_columns):
+        for method, sparsity in sorted({(row[0], row[1]) for row in body}):
+            pts = [(row[2], row[col]) for row in body if (row[0], row[1]) == (method, sparsity) and row[col] is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} @{sparsity:g}")
+        ax.set_xlabel(header[2])
+        ax.set_ylabel(header[col])
+        ax.legend(fontsize=7)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, Path(path))
+
+
 def print_rich(results: list[dict[str, Any]]) -> None:
     import sys
 

@@ -165,3 +165,24 @@ def test_cost_table_ratios_to_the_reference_method():
     assert all(row[header.index("peak RSS GiB")] == 2.0 for row in body)
     header, body = cost_rows(results, reference="flap")  # no reference run: no ratios, still the times
     assert all(row[header.index("x flap")] is None for row in body)
+
+
+def test_sweep_table_orders_by_the_swept_field_across_protocols(tmp_path):
+    from harness.report import sweep_markdown, sweep_plot, sweep_rows
+
+    results = []
+    for samples, ppl in ((32, 40.0), (16, 50.0), (64, 35.0)):
+        spec = RunSpec(model="smollm2-135m", method="intraslice", sparsity=0.3, profile="ci",
+                       profile_overrides={"calibration_samples": samples})
+        results.append(_fake_result(spec, ppl))
+    assert len({r["spec"]["protocol_id"] for r in results}) == 3  # one protocol per calibration size
+    key = "spec.protocol.profile.calibration_samples"
+    header, body = sweep_rows(results, key)
+    assert [row[header.index("calibration_samples")] for row in body] == [16, 32, 64]
+    assert [row[header.index("PPL wiki-offline")] for row in body] == [50.0, 40.0, 35.0]
+    no_field = _fake_result(RunSpec(model="smollm2-135m", method="wanda-sp", sparsity=0.3, profile="ci"), 9.0)
+    no_field["spec"]["protocol"]["profile"].pop("calibration_samples")
+    assert "1 result(s) without" in sweep_markdown([*results, no_field], key)
+    with pytest.raises(KeyError, match="lambda_b"):
+        sweep_rows(results, "recipe.components.allocation.params.lambda_b")
+    assert sweep_plot(results, key, tmp_path / "plots" / "sweep.png").stat().st_size > 0
