@@ -385,3 +385,20 @@ def test_compare_layers_feeds_each_side_its_own_residual_width(llama: LlamaForCa
     assert run.model.config.hidden_size < dense.config.hidden_size
     result = compare_layers(dense, run.model, batch=1, seqlen=8, kv_len=8, warmup=0, repeats=1, layers=[0])
     assert result["ratios"]["layer_weight_bytes_ratio"] < 1.0
+
+
+def test_measure_against_dense_reuses_a_dense_timing(llama: LlamaForCausalLM) -> None:
+    """The protocol's timing block; a speed sweep passes the dense timing once for many
+    pruned models, and it is then taken as given, not re-measured."""
+    from harness.adapters import to_pruned
+    from harness.timing import measure_against_dense
+
+    settings = {"batch": 1, "seqlen": 8, "decode_tokens": 2, "kv_len": 8, "warmup": 0, "repeats": 1, "layers": 1}
+    pruned = to_pruned(llama).eval()
+    first = measure_against_dense(llama, pruned, settings, torch.device("cpu"))
+    assert first["layer"]["layers"] == [0]
+    assert first["weight_bytes"]["dense"] == weight_bytes(llama)
+    again = measure_against_dense(llama, pruned, settings, torch.device("cpu"), dense=first["dense"])
+    assert again["dense"] is first["dense"]
+    assert again["ratios"]["prefill_latency_ratio"] == pytest.approx(
+        again["pruned"]["prefill_s"] / first["dense"]["prefill_s"])
