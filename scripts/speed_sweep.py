@@ -13,8 +13,10 @@ loading them.
 
 A model directory is labelled ``<method>_<sparsity>`` by its name (``--save`` folders named
 that way); the achieved sparsity and the share of attention parameters kept come from the
-model itself. A method that keeps every attention parameter cannot shrink attention's
-cost, whose share of a layer's time grows with the context.
+model itself, and so does the share of attention's *core* kept (query heads x (qk + v
+dims): the score and value products against the context) and of the KV cache. A method
+that shrinks attention's projections but keeps that core (low-rank factors, a narrower
+residual stream) cannot shrink attention's cost at long context.
 """
 
 from __future__ import annotations
@@ -58,6 +60,21 @@ def load_pruned(directory: Path, shapes_only: bool) -> PrunedForCausalLM:
     return PrunedForCausalLM.from_pretrained(directory).eval()
 
 
+def attention_core(config: PrunedConfig) -> tuple[int, int]:
+    """Per-token width of attention's own work, summed over layers: query heads x (qk +
+    v dims) sets the cost of the score and value products against the context, KV heads x
+    (qk + v dims) the KV cache. Projections can shrink (low rank, fewer inputs) while these
+    stay: then attention's cost at long context does not shrink."""
+    core = cache = 0
+    for layer in config.layers:
+        attn = layer["attn"]
+        heads = len(attn.get("head_to_kv") or [])
+        dims = int(attn.get("qk_dim", 0)) + int(attn.get("v_dim", 0))
+        core += heads * dims
+        cache += int(attn.get("num_kv_heads", 0)) * dims
+    return core, cache
+
+
 def dig(d: dict[str, Any], path: tuple[str, ...]) -> float:
     for key in path:
         d = d[key]
@@ -65,11 +82,13 @@ def dig(d: dict[str, Any], path: tuple[str, ...]) -> float:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| method | target | achieved | attention kept | " + " | ".join(f"{c} x" for c, _ in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
+    head = ("| method | target | achieved | attention params kept | attention core kept | KV cache kept | "
+            + " | ".join(f"{c} x" for c, _ in COLUMNS) + " |")
+    lines = [head, "|" + "---|" * (6 + len(COLUMNS))]
     for r in sorted(rows, key=lambda r: (r["method"], r["target"] or 0)):
         cells = [r["method"], f"{r['target']:.2f}" if r["target"] is not None else "-", f"{r['achieved']:.3f}",
-                 f"{r['attention_kept']:.2f}"] + [f"{r[c]:.3f}" for c, _ in COLUMNS]
+                 f"{r['attention_kept']:.2f}", f"{r['attention_core_kept']:.2f}", f"{r['kv_cache_kept']:.2f}"]
+        cells += [f"{r[c]:.3f}" for c, _ in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -114,6 +133,7 @@ def main() -> int:
     dense_params = to_pruned(source)
     dense_decoder = decoder_params(dense_params)
     dense_attention = sum(attention_params(layer) for layer in dense_params.model.layers)
+    dense_core, dense_cache = attention_core(dense_params.config)
     del dense_params
     common = {k: settings[k] for k in ("batch", "seqlen", "decode_tokens", "kv_len", "warmup", "repeats")}
     start = time.perf_counter()
@@ -128,10 +148,13 @@ def main() -> int:
             "achieved": 1.0 - decoder_params(model) / dense_decoder,
             "attention_kept": sum(attention_params(layer) for layer in model.model.layers) / dense_attention,
         }
+        core, cache = attention_core(model.config)
+        row.update(attention_core_kept=core / dense_core, kv_cache_kept=cache / dense_cache)
         row.update({column: dig(timing, path) for column, path in COLUMNS})
         rows.append(row)
         raw.append({"folder": str(folder), "timing": timing})
-        print(f"{method:12s} {target}: achieved {row['achieved']:.3f}, attention kept {row['attention_kept']:.2f}, "
+        print(f"{method:12s} {target}: achieved {row['achieved']:.3f}, attention params kept {row['attention_kept']:.2f}, "
+              f"core {row['attention_core_kept']:.2f}, KV cache {row['kv_cache_kept']:.2f}, "
               + ", ".join(f"{c} x{row[c]:.3f}" for c, _ in COLUMNS), flush=True)
         del model
     dense_after = time_model(source, vocab_size=source.config.vocab_size, device=device, **common)
