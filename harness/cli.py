@@ -70,6 +70,12 @@ def _spec(args: argparse.Namespace, method: str, sparsity: float, extra_override
     )
 
 
+def _write_text(path: str, text: str) -> None:
+    """Write a report file (tables), making its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")
+
+
 def _parse_sparsities(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -143,7 +149,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     results = run_grid(specs, args.results, shard=args.shard, show_progress=not args.quiet, executor=_executor(args))
     print_rich(results)
     if args.markdown:
-        Path(args.markdown).write_text(markdown(results) + "\n")
+        _write_text(args.markdown, markdown(results))
     return 0
 
 
@@ -170,8 +176,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     table = ablation_table(rows, sparsities, results, base_overrides=args.overrides)
     print(table)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
+        _write_text(args.markdown, table)
         print(f"markdown: {args.markdown}")
     return 0
 
@@ -192,8 +197,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise UsageError(str(exc.args[0])) from None
         print(table)
         if args.markdown:
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(table + "\n")
+            _write_text(args.markdown, table)
             print(f"markdown: {args.markdown}")
         if args.plots:
             print(f"plot: {sweep_plot(results, args.sweep, Path(args.plots) / 'sweep.png')}")
@@ -201,8 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print_rich(results)
     text = markdown(results)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text + "\n")
+        _write_text(args.markdown, text)
         print(f"markdown: {args.markdown}")
     if args.plots:
         for p in plots(results, args.plots):
@@ -212,8 +215,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         table = cost_markdown(results, reference=args.cost_reference)
         print(table)
-        Path(args.cost).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.cost).write_text(table + "\n")
+        _write_text(args.cost, table)
         print(f"cost table: {args.cost}")
     return 0
 
