@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from harness.adapters import to_pruned
-from harness.cache import atomic_write_json
+from harness.cache import atomic_write_bytes, atomic_write_json
 from harness.models import load_source_model
 from harness.params import attention_params, decoder_params
 from harness.profiles import get_profile
@@ -93,6 +93,29 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pivot_markdown(rows: list[dict[str, Any]], column: str) -> str:
+    """One column of the sweep as method x target sparsity, so methods compare at a glance;
+    rows ordered by their mean over the sparsities every method has (fastest first), so a
+    method is not ranked by cells the others lack."""
+    targets = sorted({r["target"] for r in rows if r["target"] is not None})
+    cells: dict[str, dict[float, float]] = {}
+    for r in rows:
+        if r["target"] is not None:
+            cells.setdefault(r["method"], {})[r["target"]] = r[column]
+    shared = [t for t in targets if all(t in row for row in cells.values())] or targets
+    order = sorted(cells, key=lambda m: sum(cells[m].get(t, 0.0) for t in shared) / len(shared))
+    lines = [f"| {column} x | " + " | ".join(f"{t:.0%}" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    for method in order:
+        lines.append(f"| {method} | " + " | ".join(
+            f"{cells[method][t]:.3f}" if t in cells[method] else "-" for t in targets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(rows: list[dict[str, Any]], pivots: list[str]) -> str:
+    """The full table, then one pivot per requested column."""
+    return "\n".join([markdown(rows)] + [pivot_markdown(rows, column) for column in pivots])
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -115,9 +138,22 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_outputs(rows: list[dict[str, Any]], pivots: list[str], markdown_path: str | None, plot_path: str | None) -> None:
+    table = render(rows, pivots)
+    print(table)
+    if markdown_path:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(markdown_path, table.encode())
+    if plot_path:
+        plot(rows, Path(plot_path))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="saved pruned model folders named <method>_<sparsity>")
+    parser.add_argument("models", nargs="*", help="saved pruned model folders named <method>_<sparsity>")
+    parser.add_argument("--from-json", help="re-render the tables and plot of an earlier --json, timing nothing")
+    parser.add_argument("--pivot", action="append", default=[], choices=[c for c, _ in COLUMNS]
+                        + ["attention_core_kept", "kv_cache_kept"], help="add a method x sparsity table of this column")
     parser.add_argument("--base", default="smollm2-135m", help="the dense model they were pruned from")
     parser.add_argument("--profile", default="offline", help="whose timing settings to use")
     parser.add_argument("--device", default="cpu")
@@ -126,6 +162,12 @@ def main() -> int:
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
     args = parser.parse_args()
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        write_outputs(rows, args.pivot, args.markdown, args.plot)
+        return 0
+    if not args.models:
+        parser.error("give saved model folders to time, or --from-json to re-render")
 
     settings = get_profile(args.profile).timing
     device = torch.device(args.device)
@@ -161,13 +203,7 @@ def main() -> int:
     drift = {k: dense_after[k] / dense_before[k] for k in ("prefill_s", "decode_s_per_token")}
     print(f"dense drift over the sweep (after / before): prefill x{drift['prefill_s']:.3f}, "
           f"decode x{drift['decode_s_per_token']:.3f}; {time.perf_counter() - start:.0f} s")
-    table = markdown(rows)
-    print(table)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table)
-    if args.plot:
-        plot(rows, Path(args.plot))
+    write_outputs(rows, args.pivot, args.markdown, args.plot)
     if args.json:
         atomic_write_json(Path(args.json), json.loads(json.dumps(
             {"settings": settings, "device": str(device), "threads": torch.get_num_threads(), "base": args.base,
