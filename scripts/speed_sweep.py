@@ -104,7 +104,8 @@ def pivot_markdown(rows: list[dict[str, Any]], column: str) -> str:
             cells.setdefault(r["method"], {})[r["target"]] = r[column]
     shared = [t for t in targets if all(t in row for row in cells.values())] or targets
     order = sorted(cells, key=lambda m: sum(cells[m].get(t, 0.0) for t in shared) / len(shared))
-    lines = [f"| {column} x | " + " | ".join(f"{t:.0%}" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    unit = " x" if column in dict(COLUMNS) else ""  # latency ratios; the kept shares are plain fractions
+    lines = [f"| {column}{unit} | " + " | ".join(f"{t:.0%}" for t in targets) + " |", "|---|" + "---|" * len(targets)]
     for method in order:
         lines.append(f"| {method} | " + " | ".join(
             f"{cells[method][t]:.3f}" if t in cells[method] else "-" for t in targets) + " |")
