@@ -192,6 +192,22 @@ class PrunedAttention(nn.Module):
         x_rot = x_rot * cos + rotate_half(x_rot) * sin
         return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
+    def _equal_head_dims(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zero-pad q/k or v to one head width when they differ (after the cache, so the
+        cache stays narrow). Fused SDPA kernels (CPU flash among them) need equal head dims;
+        without this SDPA silently takes its math kernel, 3-4x slower at 512 tokens, and a
+        model whose heads were narrowed unevenly (v_dim != qk_dim) is slower than its
+        parameter count says. Exact: padded q/k channels add 0 to every score (the scale is
+        passed explicitly), padded v channels give output channels that are dropped."""
+        if self.qk_dim == self.v_dim:
+            return q, k, v
+        width = max(self.qk_dim, self.v_dim)
+        if self.v_dim < width:
+            return q, k, F.pad(v, (0, width - self.v_dim))
+        return F.pad(q, (0, width - self.qk_dim)), F.pad(k, (0, width - self.qk_dim)), v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -217,6 +233,7 @@ class PrunedAttention(nn.Module):
             q = self._rope(q, cos_k[:, self.head_to_kv], sin_k[:, self.head_to_kv])
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        q, k, v = self._equal_head_dims(q, k, v)
         if self.uniform_groups():
             rep = self.num_heads // self.num_kv_heads
             if rep > 1:
@@ -225,7 +242,7 @@ class PrunedAttention(nn.Module):
             k, v = k.index_select(1, self.head_to_kv), v.index_select(1, self.head_to_kv)
         causal = mask is None and seq > 1 and k.shape[2] == seq
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
-        attn = attn.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim)
+        attn = attn[..., : self.v_dim].transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim)
         return self.o_proj(attn)
 
 

@@ -134,3 +134,51 @@ def test_kv_cache_decoding_equals_full_forward_on_uneven_groups():
         out = model(ids[:, :11], use_cache=True)
         step = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
     assert (full - step).abs().max() < 1e-5
+
+
+def _uneven_head_dims(qk_pairs: int | None, v_keep: int | None) -> PrunedForCausalLM:
+    """Layer 0 with its q/k narrowed to ``qk_pairs`` RoPE pairs per head and/or its v to
+    ``v_keep`` channels per head (what IntraSlice and Olica produce: qk_dim != v_dim)."""
+    model = to_pruned(tiny_model("llama-gqa"))
+    plan = attention_plan_of(model.model.layers[0].self_attn)
+    heads, groups = len(plan.head_to_kv), plan.num_kv_heads
+    if v_keep is not None:
+        vd = plan.v_dim
+        rows = torch.cat([torch.arange(g * vd, g * vd + v_keep) for g in range(groups)])
+        cols = torch.cat([torch.arange(h * vd, h * vd + v_keep) for h in range(heads)])
+        plan.v = LinearWeights(weight=plan.v.weight[rows], bias=plan.v.bias)
+        plan.o = LinearWeights(weight=plan.o.weight[:, cols], bias=plan.o.bias)
+        plan.v_dim = v_keep
+    if qk_pairs is not None:
+        qd, n = plan.qk_dim, plan.rope_index.shape[1]
+        assert qd == 2 * n  # full RoPE: [pair firsts | pair seconds]
+
+        def per_head(count: int) -> torch.Tensor:
+            return torch.cat([torch.cat((torch.arange(qk_pairs), n + torch.arange(qk_pairs))) + h * qd for h in range(count)])
+
+        plan.q = LinearWeights(weight=plan.q.weight[per_head(heads)], bias=plan.q.bias)
+        plan.k = LinearWeights(weight=plan.k.weight[per_head(groups)], bias=plan.k.bias)
+        plan.rope_index = plan.rope_index[:, :qk_pairs].contiguous()
+        plan.qk_dim = 2 * qk_pairs
+    apply_attention_plan(model, 0, plan)
+    return model
+
+
+def test_uneven_head_dims_match_the_reference_and_the_cache():
+    """qk_dim != v_dim either way: the padding that keeps SDPA on its fused kernel is exact."""
+    dims = to_pruned(tiny_model("llama-gqa")).model.layers[0].self_attn
+    full_pairs, full_v = dims.rope_pairs, dims.v_dim
+    for qk_pairs, v_keep in ((None, full_v - 3), (full_pairs - 2, None)):
+        model = _uneven_head_dims(qk_pairs, v_keep)
+        attn = model.model.layers[0].self_attn
+        assert attn.qk_dim != attn.v_dim
+        x = torch.randn(1, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+        freqs = model.model.rotary_freqs(torch.arange(9)[None])
+        ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            got = model.model.layers[0](x, freqs)
+            assert (got - _reference_layer(model.model.layers[0], x, model)).abs().max() < 1e-5
+            full = model(ids).logits[:, -1]
+            out = model(ids[:, :11], use_cache=True)
+            step = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        assert (full - step).abs().max() < 1e-5
