@@ -71,9 +71,11 @@ def _spec(args: argparse.Namespace, method: str, sparsity: float, extra_override
 
 
 def _write_text(path: str, text: str) -> None:
-    """Write a report file (tables), making its folder."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text + "\n")
+    """Write a report file (tables) atomically, making its folder: an interrupted report
+    leaves the previous file, never half of a new one."""
+    from harness.cache import atomic_write_bytes
+
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def _parse_sparsities(text: str) -> list[float]:

@@ -143,8 +143,7 @@ def write_outputs(rows: list[dict[str, Any]], pivots: list[str], markdown_path: 
     table = render(rows, pivots)
     print(table)
     if markdown_path:
-        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(markdown_path, table.encode())
+        atomic_write_bytes(markdown_path, table.encode())  # makes the folder
     if plot_path:
         plot(rows, Path(plot_path))
 
