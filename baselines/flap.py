@@ -45,7 +45,7 @@ Three components and a recipe, following CASIA-IVA-Lab/FLAP (``lib/prune.py``,
   module's mean output over the calibration tokens equals the unpruned one exactly.
 
 GQA: query heads are scored and removed individually; a KV head goes when its last
-query head goes (``harness.surgery.keep_heads``), and the allocation charges it so.
+query head goes (``prunebench.harness.surgery.keep_heads``), and the allocation charges it so.
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from harness.budget import channels_to_keep, heads_to_keep
-from harness.components import Component
-from harness.context import LayerContext, RunContext, embed, run_layer
-from harness.contracts import (
+from prunebench.harness.budget import channels_to_keep, heads_to_keep
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext, RunContext, embed, run_layer
+from prunebench.harness.contracts import (
     Allocation,
     AttentionPlan,
     ComponentRef,
@@ -69,11 +69,11 @@ from harness.contracts import (
     ModelShape,
     Recipe,
 )
-from harness.errors import UsageError
-from harness.hookspecs import hookimpl
-from harness.pruned_model import PrunedForCausalLM, effective_weight
-from harness.stats import Moments
-from harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
+from prunebench.harness.errors import UsageError
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.pruned_model import PrunedForCausalLM, effective_weight
+from prunebench.harness.stats import Moments
+from prunebench.harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
 
 METRICS = ("wifv", "ifv", "wifn")
 

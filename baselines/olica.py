@@ -12,7 +12,7 @@ products rather than either factor.
   (new v channels z = B^T v) and the rest, W_o^h diag(s) U = V Sigma, into W_o, so
   W_v W_o is preserved exactly with inner dims ordered by singular value, i.e. by how
   much output energy they carry; then the last inner dims are cut
-  (``harness.surgery.fuse_vo``).
+  (``prunebench.harness.surgery.fuse_vo``).
   GQA: v_proj rows belong to a KV head, shared by its query heads, so one basis serves
   the whole group: the weighted o-blocks of the group's heads are stacked side by side,
   diag(s_g) [W_o^{h1 T}, W_o^{h2 T}, ...], with s_g pooled over the group
@@ -68,15 +68,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.budget import channels_to_keep, plan_params
-from harness.components import Component
-from harness.context import LayerContext
-from harness.contracts import AttentionPlan, ComponentRef, LinearWeights, MLPPlan, Recipe
-from harness.errors import UsageError
-from harness.hookspecs import hookimpl
-from harness.pruned_model import PrunedMLP
-from harness.stats import solve_psd
-from harness.surgery import attention_plan_of, fuse_vo, keep_channels, mlp_plan_of, round_to_multiple
+from prunebench.harness.budget import channels_to_keep, plan_params
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext
+from prunebench.harness.contracts import AttentionPlan, ComponentRef, LinearWeights, MLPPlan, Recipe
+from prunebench.harness.errors import UsageError
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.pruned_model import PrunedMLP
+from prunebench.harness.stats import solve_psd
+from prunebench.harness.surgery import attention_plan_of, fuse_vo, keep_channels, mlp_plan_of, round_to_multiple
 
 # ----- attention: V/O orthogonal decomposition ------------------------------------------------
 

@@ -55,19 +55,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from harness.components import Component
-from harness.context import RunContext, embed, position_ids
-from harness.contracts import ComponentRef, Recipe
-from harness.errors import UsageError
-from harness.hookspecs import hookimpl
-from harness.params import decoder_params
-from harness.pruned_model import (
+from prunebench.harness.components import Component
+from prunebench.harness.context import RunContext, embed, position_ids
+from prunebench.harness.contracts import ComponentRef, Recipe
+from prunebench.harness.errors import UsageError
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.params import decoder_params
+from prunebench.harness.pruned_model import (
     PrunedConfig,
     PrunedDecoderLayer,
     PrunedForCausalLM,
     PrunedRMSNorm,
 )
-from harness.stats import damped, eigh_descending
+from prunebench.harness.stats import damped, eigh_descending
 
 
 # ----- norm fusion --------------------------------------------------------------------

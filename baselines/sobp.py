@@ -28,7 +28,7 @@ Two stages, as in the paper:
 How many units go: the layer's ratio (from the allocation) through the shared budget
 helpers, so GQA's KV heads are costed exactly (a KV head goes with its last query head).
 For heads, the greedy order is computed over all heads and handed to
-``harness.budget.heads_to_keep`` as the ranking; the final update is the block OBS update
+``prunebench.harness.budget.heads_to_keep`` as the ranking; the final update is the block OBS update
 for the whole removed set from the original weights, which equals the sequential greedy
 updates (OBS removals compose).
 
@@ -52,14 +52,14 @@ from typing import Any
 
 import torch
 
-from harness.budget import channels_to_keep, heads_to_keep
-from harness.components import Component
-from harness.context import LayerContext
-from harness.contracts import Allocation, AttentionPlan, ComponentRef, Importance, LinearWeights, MLPPlan, ModelShape, Recipe
-from harness.errors import UsageError
-from harness.hookspecs import hookimpl
-from harness.stats import Moments, solve_psd
-from harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
+from prunebench.harness.budget import channels_to_keep, heads_to_keep
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext
+from prunebench.harness.contracts import Allocation, AttentionPlan, ComponentRef, Importance, LinearWeights, MLPPlan, ModelShape, Recipe
+from prunebench.harness.errors import UsageError
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.stats import Moments, solve_psd
+from prunebench.harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
 
 
 # ----- local structured OBS -----------------------------------------------------------------

@@ -37,12 +37,12 @@ from typing import Any
 
 import torch
 
-from harness.components import Component
-from harness.context import LayerContext
-from harness.contracts import AttentionPlan, ComponentRef, LinearWeights, MLPPlan, Recipe
-from harness.hookspecs import hookimpl
-from harness.stats import damped
-from harness.surgery import attention_plan_of, mlp_plan_of
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext
+from prunebench.harness.contracts import AttentionPlan, ComponentRef, LinearWeights, MLPPlan, Recipe
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.stats import damped
+from prunebench.harness.surgery import attention_plan_of, mlp_plan_of
 
 
 # ----- the decomposition ------------------------------------------------------------------

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from harness.budget import channels_to_keep, heads_to_keep
-from harness.components import Component
-from harness.context import LayerContext
-from harness.contracts import AttentionPlan, ComponentRef, MLPPlan, Recipe
-from harness.hookspecs import hookimpl
-from harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
+from prunebench.harness.budget import channels_to_keep, heads_to_keep
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext
+from prunebench.harness.contracts import AttentionPlan, ComponentRef, MLPPlan, Recipe
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
 
 
 def wanda_channel_scores(weight: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:

@@ -5,4 +5,6 @@ The core knows the hook specs and data contracts only; every pruning method live
 ``prunebench`` entry-point group.
 """
 
-__version__ = "0.1.0"
+from prunebench import __version__
+
+__all__ = ["__version__"]

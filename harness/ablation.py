@@ -16,9 +16,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.errors import UsageError
-from harness.manager import PluginHost
-from harness.report import format_cell
+from prunebench.harness.errors import UsageError
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.report import format_cell
 
 UNIFORM_ALLOCATION = "uniform"
 

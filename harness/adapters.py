@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from harness.errors import UnsupportedModelError
-from harness.pruned_model import PrunedConfig, PrunedForCausalLM, linear_spec
+from prunebench.harness.errors import UnsupportedModelError
+from prunebench.harness.pruned_model import PrunedConfig, PrunedForCausalLM, linear_spec
 
 
 @dataclass
@@ -183,7 +183,7 @@ def pruned_config_for(model: PreTrainedModel, layer_weights: list[LayerWeights] 
     """The harness-format config of a dense source model.
 
     Reads only shapes and bias flags, so it works on a source built on the meta device
-    (offloaded pruning reads layers one at a time later, see ``harness.offload``).
+    (offloaded pruning reads layers one at a time later, see ``prunebench.harness.offload``).
     ``layer_weights``: the layers already read, so a caller that needs them anyway does not
     read (copy) every layer twice.
     """

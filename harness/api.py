@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 
-from harness import cache as cache_mod
-from harness.adapters import to_pruned
-from harness.context import RunContext
-from harness.data import calibration_batch, evaluation_windows, list_sources, load_corpus
-from harness.errors import UsageError
-from harness.manager import PluginHost
-from harness.params import param_report
-from harness.perplexity import perplexity
-from harness.profiles import Profile, get_profile, with_overrides
-from harness.results import environment, peak_rss_mb, write_result
-from harness.runner import check_sparsity, prune
+from prunebench.harness import cache as cache_mod
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import RunContext
+from prunebench.harness.data import calibration_batch, evaluation_windows, list_sources, load_corpus
+from prunebench.harness.errors import UsageError
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import param_report
+from prunebench.harness.perplexity import perplexity
+from prunebench.harness.profiles import Profile, get_profile, with_overrides
+from prunebench.harness.results import environment, peak_rss_mb, write_result
+from prunebench.harness.runner import check_sparsity, prune
 
 RESULT_SCHEMA = 1
 
@@ -77,10 +77,10 @@ def validate(spec: RunSpec, host: PluginHost) -> tuple[Profile, Any]:
         if source not in sources and not source.startswith("text:"):
             raise UsageError(f"unknown data source {source!r}; valid sources: {', '.join(sources)}, text:PATH")
     if spec.zeroshot and profile.tasks:
-        from harness.zeroshot import check_args as check_zeroshot_args
+        from prunebench.harness.zeroshot import check_args as check_zeroshot_args
 
         check_zeroshot_args(list(profile.tasks), profile.task_limit, profile.task_batch_size, profile.task_max_length)
-    from harness.models import check_model_name
+    from prunebench.harness.models import check_model_name
 
     check_model_name(spec.model)
     return profile, recipe
@@ -98,7 +98,7 @@ def dense_metrics_key(spec: RunSpec, profile: Profile, fingerprint: str, windows
             "lm_eval": _lm_eval_version(),
         }
     return cache_mod.stable_key(
-        "dense-metrics", 2, fingerprint, spec.dtype, torch.device(spec.device).type,
+        "dense-metrics", 3, fingerprint, spec.dtype, torch.device(spec.device).type,
         {s: (tuple(w.shape), _tensor_digest(w)) for s, w in windows.items()}, zeroshot,
     )
 
@@ -116,11 +116,13 @@ def _dense_metrics(spec, profile, source, tokenizer, dense_model, windows, finge
 
 
 def _evaluate(spec, profile, model, tokenizer, windows, show) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"ppl": {}}
+    metrics: dict[str, Any] = {"ppl": {}, "ppl_windows": {}}
     for source, win in windows.items():
-        metrics["ppl"][source] = perplexity(model, win, batch_size=profile.batch_size, progress=show).ppl
+        result = perplexity(model, win, batch_size=profile.batch_size, progress=show)
+        metrics["ppl"][source] = result.ppl
+        metrics["ppl_windows"][source] = list(result.window_nll)
     if spec.zeroshot and profile.tasks:
-        from harness.zeroshot import evaluate_zeroshot
+        from prunebench.harness.zeroshot import evaluate_zeroshot
 
         result = evaluate_zeroshot(
             model, tokenizer, tasks=list(profile.tasks), limit=profile.task_limit,
@@ -142,7 +144,7 @@ def _lm_eval_version() -> str:
 
 
 def _timing(spec, profile, source_model, pruned_model) -> dict[str, Any]:
-    from harness.timing import measure_against_dense
+    from prunebench.harness.timing import measure_against_dense
 
     return measure_against_dense(source_model, pruned_model, profile.timing, torch.device(spec.device))
 
@@ -160,7 +162,7 @@ def run_experiment(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run one spec; write its result JSON atomically into ``results_dir`` when given."""
-    from harness.models import load_source_model
+    from prunebench.harness.models import load_source_model
 
     t0 = time.perf_counter()
     env = environment(spec.device)  # at the start: the code that runs, not HEAD when it ends

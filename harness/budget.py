@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from harness.contracts import AttentionPlan, LinearWeights, MLPPlan
+from prunebench.harness.contracts import AttentionPlan, LinearWeights, MLPPlan
 
 
 def _bias(w: LinearWeights) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.components import Component
-from harness.context import LayerContext, RunContext
-from harness.contracts import Allocation, Importance, ModelShape
-from harness.hookspecs import hookimpl
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext, RunContext
+from prunebench.harness.contracts import Allocation, Importance, ModelShape
+from prunebench.harness.hookspecs import hookimpl
 
 
 class NoTransform(Component):

@@ -13,7 +13,7 @@ the cache honest (see DESIGN.md, "caches keyed by model name only" under what to
 Layout::
 
     <cache_root()>/                     PRUNEBENCH_CACHE, default ~/.cache/prunebench
-        models/                         converted source models (see harness.models)
+        models/                         converted source models (see prunebench.harness.models)
         <kind>/<key>.pt                 torch_cache_put(kind, key, obj)
 """
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.errors import PruneBenchError, UsageError
+from prunebench.harness.errors import PruneBenchError, UsageError
 
 DEFAULT_RESULTS = "runs"
 
@@ -54,7 +54,7 @@ def _profile_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _spec(args: argparse.Namespace, method: str, sparsity: float, extra_overrides: list[str] | None = None):
-    from harness.api import RunSpec
+    from prunebench.harness.api import RunSpec
 
     if args.no_zeroshot and args.tasks and args.tasks != "none":
         raise UsageError("--tasks conflicts with --no-zeroshot")
@@ -73,7 +73,7 @@ def _spec(args: argparse.Namespace, method: str, sparsity: float, extra_override
 def _write_text(path: str, text: str) -> None:
     """Write a report file (tables) atomically, making its folder: an interrupted report
     leaves the previous file, never half of a new one."""
-    from harness.cache import atomic_write_bytes
+    from prunebench.harness.cache import atomic_write_bytes
 
     atomic_write_bytes(path, (text + "\n").encode())
 
@@ -92,12 +92,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.adapters import supported_architectures
-    from harness.contracts import COMPONENT_KINDS
-    from harness.data import list_sources
-    from harness.manager import PluginHost
-    from harness.models import list_models
-    from harness.profiles import PROFILES
+    from prunebench.harness.adapters import supported_architectures
+    from prunebench.harness.contracts import COMPONENT_KINDS
+    from prunebench.harness.data import list_sources
+    from prunebench.harness.manager import PluginHost
+    from prunebench.harness.models import list_models
+    from prunebench.harness.profiles import PROFILES
 
     host = PluginHost()
     console = Console()
@@ -121,7 +121,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     console.print(f"[bold]data sources:[/] {', '.join(list_sources())}, text:PATH")
     console.print(f"[bold]profiles:[/] {', '.join(PROFILES)}")
     try:
-        from harness.zeroshot import list_tasks
+        from prunebench.harness.zeroshot import list_tasks
 
         console.print(f"[bold]zero-shot tasks:[/] {', '.join(list_tasks())}")
     except ImportError:
@@ -130,8 +130,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.api import run_experiment
-    from harness.report import print_rich
+    from prunebench.harness.api import run_experiment
+    from prunebench.harness.report import print_rich
 
     result = run_experiment(_spec(args, args.method, args.sparsity), results_dir=args.results,
                             show_progress=not args.quiet)
@@ -141,8 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.grid import run_grid
-    from harness.report import markdown, print_rich
+    from prunebench.harness.grid import run_grid
+    from prunebench.harness.report import markdown, print_rich
 
     methods = [m for m in args.methods.split(",") if m]
     if not methods:
@@ -156,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _executor(args: argparse.Namespace):
-    from harness.executors import Resources, make_executor
+    from prunebench.harness.executors import Resources, make_executor
 
     if args.workers < 1 or args.cpus_per_task <= 0 or args.gpus_per_task < 0:
         raise UsageError("--workers and --cpus-per-task must be positive, --gpus-per-task at least 0")
@@ -166,9 +166,9 @@ def _executor(args: argparse.Namespace):
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from harness.ablation import ablation_rows, ablation_specs, ablation_table
-    from harness.grid import run_grid
-    from harness.manager import PluginHost
+    from prunebench.harness.ablation import ablation_rows, ablation_specs, ablation_table
+    from prunebench.harness.grid import run_grid
+    from prunebench.harness.manager import PluginHost
 
     host = PluginHost()
     rows = ablation_rows(host, args.method, uniform=not args.no_uniform)
@@ -184,14 +184,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import markdown, plots, print_rich
-    from harness.results import load_results
+    from prunebench.harness.report import markdown, plots, print_rich
+    from prunebench.harness.results import load_results
 
     results = load_results(args.paths)
     if not results:
         raise UsageError(f"no result files found in {', '.join(args.paths)}")
     if args.sweep:
-        from harness.report import sweep_markdown, sweep_plot
+        from prunebench.harness.report import sweep_markdown, sweep_plot
 
         try:
             table = sweep_markdown(results, args.sweep)
@@ -213,7 +213,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         for p in plots(results, args.plots):
             print(f"plot: {p}")
     if args.cost:
-        from harness.report import cost_markdown
+        from prunebench.harness.report import cost_markdown
 
         table = cost_markdown(results, reference=args.cost_reference)
         print(table)
@@ -229,10 +229,10 @@ def cmd_offload(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from harness.cache import atomic_write_json
-    from harness.data import calibration_batch, evaluation_windows, load_corpus
-    from harness.models import parse_dtype
-    from harness.offload import prune_offloaded, release_freed_memory
+    from prunebench.harness.cache import atomic_write_json
+    from prunebench.harness.data import calibration_batch, evaluation_windows, load_corpus
+    from prunebench.harness.models import parse_dtype
+    from prunebench.harness.offload import prune_offloaded, release_freed_memory
 
     if not Path(args.model).is_dir():
         raise UsageError(f"--model must be a local checkpoint directory (safetensors), got {args.model!r}")
@@ -269,10 +269,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from harness.cache import atomic_write_json
-    from harness.data import evaluation_windows, load_corpus
-    from harness.evaluate import execution_device, load_dispatched, parse_max_memory
-    from harness.perplexity import perplexity
+    from prunebench.harness.cache import atomic_write_json
+    from prunebench.harness.data import evaluation_windows, load_corpus
+    from prunebench.harness.evaluate import execution_device, load_dispatched, parse_max_memory
+    from prunebench.harness.perplexity import perplexity
 
     max_memory = parse_max_memory(args.max_memory)
     model = load_dispatched(args.model, device_map=args.device_map, max_memory=max_memory,
@@ -286,7 +286,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out["ppl"][source] = perplexity(model, windows, batch_size=args.batch_size, device=device,
                                         progress=not args.quiet).ppl
     if args.tasks and args.tasks != "none":
-        from harness.zeroshot import evaluate_zeroshot
+        from prunebench.harness.zeroshot import evaluate_zeroshot
 
         result = evaluate_zeroshot(model, tokenizer, tasks=args.tasks.split(","), limit=args.limit,
                                    batch_size=args.batch_size, max_length=min(args.max_length, max_pos))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from harness.contracts import COMPONENT_KINDS
+from prunebench.harness.contracts import COMPONENT_KINDS
 
 WHOLE_MODEL_KINDS = ("transform", "importance")
 
 
 class Component:
     """Subclass it, set ``kind``, ``name`` and ``defaults``, and implement the kind's hook
-    (decorated with ``harness.hookspecs.hookimpl``). ``defaults`` lists every parameter the
+    (decorated with ``prunebench.harness.hookspecs.hookimpl``). ``defaults`` lists every parameter the
     component accepts: the core rejects any other name, so typos never pass silently.
     """
 
@@ -20,7 +20,7 @@ class Component:
     defaults: ClassVar[dict[str, Any]] = {}
     streams_layers: ClassVar[bool | None] = None
     """Whether the component works when only one decoder layer at a time is in memory
-    (offloaded pruning, ``harness.offload``). ``None`` means the kind's default: the
+    (offloaded pruning, ``prunebench.harness.offload``). ``None`` means the kind's default: the
     layer-loop kinds (attention, ffn) and allocation see one layer or only shapes, so they
     do; transform and importance usually run the whole model, so they must opt in
     (by reading layers through ``run.residency``)."""

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.contracts import Allocation, AttentionPlan, Importance, MLPPlan, ModelShape
-from harness.params import model_shape
-from harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
-from harness.stats import SITES, Moments
-from harness.surgery import build_attention, build_mlp
+from prunebench.harness.contracts import Allocation, AttentionPlan, Importance, MLPPlan, ModelShape
+from prunebench.harness.params import model_shape
+from prunebench.harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
+from prunebench.harness.stats import SITES, Moments
+from prunebench.harness.surgery import build_attention, build_mlp
 
 
 class LayerResidency:
     """Where the decoder layers live while pruning. This base class: all in memory, so
-    acquiring and releasing a layer do nothing. ``harness.offload.DiskLayers`` keeps them
+    acquiring and releasing a layer do nothing. ``prunebench.harness.offload.DiskLayers`` keeps them
     on disk and makes one real at a time; code that walks the layers of the whole model
     (the layer loop, streamed importance) goes through ``use`` and works with both."""
 

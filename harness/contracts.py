@@ -2,7 +2,7 @@
 
 Everything a hook receives or returns is one of these types, so a plugin depends on this
 module and ``hookspecs`` only. Plans carry real tensors: the core installs them by
-rebuilding the layer's modules at the new sizes (``harness.surgery``), so no plan can be
+rebuilding the layer's modules at the new sizes (``prunebench.harness.surgery``), so no plan can be
 reported as pruning unless it really shrinks the model.
 """
 

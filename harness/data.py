@@ -50,7 +50,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from harness.errors import NotEnoughDataError, UsageError
+from prunebench.harness.errors import NotEnoughDataError, UsageError
 
 PASSAGE_SEPARATOR = "\n\n"
 TEXT_PREFIX = "text:"

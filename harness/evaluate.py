@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import UsageError
+from prunebench.harness.errors import UsageError
 
 
 def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
@@ -48,7 +48,7 @@ def load_dispatched(
     """A checkpoint loaded across devices (and disk); see the module docstring."""
     from transformers import AutoModelForCausalLM
 
-    import harness.pruned_model  # noqa: F401  (registers the pruned format with the Auto classes)
+    import prunebench.harness.pruned_model  # noqa: F401  (registers the pruned format with the Auto classes)
 
     if not Path(directory).is_dir():
         raise UsageError(f"not a checkpoint directory: {directory}")

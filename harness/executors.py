@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.errors import PruneBenchError, UsageError
+from prunebench.harness.errors import PruneBenchError, UsageError
 
 EXECUTORS = ("local", "ray", "slurm")
 
@@ -52,13 +52,13 @@ def cell_name(spec: Any) -> str:
 
 def _run_spec_dict(spec_dict: dict[str, Any]) -> dict[str, Any]:
     """The worker side: one cell from a plain dict (picklable anywhere), result returned."""
-    from harness.api import RunSpec, run_experiment
+    from prunebench.harness.api import RunSpec, run_experiment
 
     return run_experiment(RunSpec(**spec_dict), results_dir=None, show_progress=False)
 
 
 def _write(result: dict[str, Any], path: Path) -> dict[str, Any]:
-    from harness.results import write_result
+    from prunebench.harness.results import write_result
 
     result = dict(result)
     result["path"] = str(write_result(path, result))
@@ -74,8 +74,8 @@ class LocalExecutor:
         self.runner = runner
 
     def run(self, cells, host, show_progress):
-        from harness.api import run_experiment
-        from harness.results import read_result
+        from prunebench.harness.api import run_experiment
+        from prunebench.harness.results import read_result
 
         runner = self.runner or run_experiment
         out = []

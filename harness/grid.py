@@ -4,7 +4,7 @@ A cell whose result file already exists is not run again, so an interrupted grid
 resumes where it stopped; ``shard="i/n"`` runs every n-th cell starting at i, so a grid
 splits across processes or machines writing into one results folder (``report`` merges).
 The dense model is evaluated once per grid through the dense-metrics cache. Cells run in
-this process by default, or on Ray / Slurm (``harness.executors``).
+this process by default, or on Ray / Slurm (``prunebench.harness.executors``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UsageError
-from harness.manager import PluginHost
+from prunebench.harness.errors import UsageError
+from prunebench.harness.manager import PluginHost
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -30,12 +30,12 @@ def run_grid(specs: list, results_dir: str | Path, shard: str = "0/1", show_prog
              host: PluginHost | None = None, runner=None, executor=None) -> list[dict[str, Any]]:
     """Run the cells of this shard that have no result yet; return all of this shard's results.
 
-    ``executor`` (``harness.executors``) decides where the missing cells run; by default
+    ``executor`` (``prunebench.harness.executors``) decides where the missing cells run; by default
     they run here, one after another (``runner`` replaces ``run_experiment`` for tests).
     """
-    from harness.api import protocol_id, protocol_of, result_path, validate
-    from harness.executors import LocalExecutor
-    from harness.results import read_result
+    from prunebench.harness.api import protocol_id, protocol_of, result_path, validate
+    from prunebench.harness.executors import LocalExecutor
+    from prunebench.harness.results import read_result
 
     if not specs:
         raise UsageError("a grid needs at least one method and one sparsity")

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from harness.components import Component
-    from harness.context import LayerContext, RunContext
-    from harness.contracts import Allocation, AttentionPlan, Importance, MLPPlan, ModelShape, Recipe
+    from prunebench.harness.components import Component
+    from prunebench.harness.context import LayerContext, RunContext
+    from prunebench.harness.contracts import Allocation, AttentionPlan, Importance, MLPPlan, ModelShape, Recipe
 
 PROJECT = "prunebench"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -37,7 +37,7 @@ def prunebench_recipes() -> list[Recipe]:
 def transform_model(run: RunContext, params: dict[str, Any]) -> dict[str, Any] | None:
     """Change the whole model before the layer loop (e.g. SliceGPT's norm fusion and rotation).
 
-    Edits ``run.model`` in place through ``harness.surgery``; returns a summary dict that is
+    Edits ``run.model`` in place through ``prunebench.harness.surgery``; returns a summary dict that is
     recorded in the result.
     """
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pluggy
 
-from harness import hookspecs
-from harness.components import Component
-from harness.contracts import COMPONENT_KINDS, ComponentRef, Recipe
-from harness.errors import UsageError
+from prunebench.harness import hookspecs
+from prunebench.harness.components import Component
+from prunebench.harness.contracts import COMPONENT_KINDS, ComponentRef, Recipe
+from prunebench.harness.errors import UsageError
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 

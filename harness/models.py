@@ -67,8 +67,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from harness.cache import atomic_write_json, cache_root, default_permissions, read_json, stable_key
-from harness.errors import UnsupportedModelError, UsageError
+from prunebench.harness.cache import atomic_write_json, cache_root, default_permissions, read_json, stable_key
+from prunebench.harness.errors import UnsupportedModelError, UsageError
 
 __all__ = [
     "DTYPES",

@@ -43,15 +43,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from harness.adapters import fill_layer, fill_outer, pruned_config_for
-from harness.context import LayerResidency, RunContext, embed, run_layer
-from harness.contracts import Recipe
-from harness.errors import UsageError
-from harness.manager import PluginHost
-from harness.params import decoder_params
-from harness.perplexity import PerplexityResult, result_from_nll, sequence_nll
-from harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
-from harness.results import peak_rss_mb
+from prunebench.harness.adapters import fill_layer, fill_outer, pruned_config_for
+from prunebench.harness.context import LayerResidency, RunContext, embed, run_layer
+from prunebench.harness.contracts import Recipe
+from prunebench.harness.errors import UsageError
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import decoder_params
+from prunebench.harness.perplexity import PerplexityResult, result_from_nll, sequence_nll
+from prunebench.harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
+from prunebench.harness.results import peak_rss_mb
 
 INDEX_FILE = "model.safetensors.index.json"
 OUTER_SHARD = "model-outer.safetensors"
@@ -330,7 +330,7 @@ def streamed_perplexity(
 ) -> PerplexityResult:
     """Perplexity with one layer real at a time: all windows pass layer 0, then layer 1, ...
 
-    The same definition as ``harness.perplexity.perplexity`` (summed NLL over windows).
+    The same definition as ``prunebench.harness.perplexity.perplexity`` (summed NLL over windows).
     """
     device = model.lm_head.weight.device
     hidden = embed(model, windows, batch_size, device)
@@ -366,7 +366,7 @@ def prune_offloaded(
     Returns sizes, the achieved sparsity, stage times, peak RSS after each stage and,
     with ``eval_windows``, the dense and pruned perplexities (both streamed).
     """
-    from harness.runner import check_sparsity, prune
+    from prunebench.harness.runner import check_sparsity, prune
 
     check_sparsity(sparsity)
     host = host or PluginHost()

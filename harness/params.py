@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from harness.contracts import LayerShape, ModelShape
-from harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
+from prunebench.harness.contracts import LayerShape, ModelShape
+from prunebench.harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
 
 
 def count(module: nn.Module | None) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import NumericalError
+from prunebench.harness.errors import NumericalError
 
 # Log-softmax over a 49k vocabulary makes a float32 copy of the logits; doing it a few
 # rows at a time keeps that copy at about this many elements (~64 MB).
@@ -25,11 +25,17 @@ LOG_SOFTMAX_CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """Perplexity and the totals behind it, so results can be merged or re-derived."""
+    """Perplexity and the totals behind it, so results can be merged or re-derived.
+
+    ``window_nll`` holds the summed NLL of every window, in window order (each window
+    predicts the same number of tokens): what a bootstrap over evaluation windows and a
+    paired comparison of two models on the same windows need (``harness.verdicts``).
+    """
 
     ppl: float
     nll_sum: float
     tokens: int
+    window_nll: tuple[float, ...] = ()
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -47,22 +53,28 @@ def _model_kwargs(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed NLL (float64 scalar) of tokens 2..L given logits [b, L, V] for input_ids [b, L].
+    """Summed NLL (float64 scalar) of tokens 2..L given logits [b, L, V] for input_ids [b, L]."""
+    return window_nll(logits, input_ids).sum()
 
-    The log-softmax runs in float32 over chunks of positions so that no full float32 copy
-    of the logits is made; each chunk's sum is accumulated in float64.
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of tokens 2..L of each sequence, float64 [b].
+
+    The log-softmax runs in float32 (float64 for a float64 model) over chunks of positions
+    so that no full copy of the logits is made; each chunk's sums are accumulated in float64.
     """
     batch, length, vocab = logits.shape
     predicted = logits[:, :-1, :]
     targets = input_ids[:, 1:].to(logits.device)
     step = max(1, LOG_SOFTMAX_CHUNK_ELEMENTS // max(1, batch * vocab))
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    total = torch.zeros(batch, dtype=torch.float64, device=logits.device)
     for start in range(0, length - 1, step):
-        chunk = predicted[:, start : start + step, :].float()
+        chunk = predicted[:, start : start + step, :].to(compute)
         target = targets[:, start : start + step]
         log_norm = torch.logsumexp(chunk, dim=-1)
         target_logit = chunk.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        total += (log_norm - target_logit).double().sum()
+        total += (log_norm - target_logit).double().sum(-1)
     return total
 
 
@@ -122,7 +134,7 @@ def perplexity(
     _check_windows(windows, batch_size)
     target_device = torch.device(device) if device is not None else _model_device(model)
     kwargs = _model_kwargs(model)
-    total = torch.zeros((), dtype=torch.float64)
+    per_window: list[float] = []
     count, seqlen = windows.shape
     with _eval_mode(model), torch.inference_mode(), _progress_bar(progress, count) as bar:
         for start in range(0, count, batch_size):
@@ -131,18 +143,24 @@ def perplexity(
             if logits.shape[:2] != batch.shape:
                 shape, given = tuple(logits.shape), tuple(batch.shape)
                 raise ValueError(f"model returned logits of shape {shape} for input {given}")
-            nll = sequence_nll(logits, batch).cpu()
-            if not torch.isfinite(nll):
+            nll = window_nll(logits, batch).cpu()
+            if not torch.isfinite(nll).all():
                 end = start + batch.shape[0] - 1
-                raise NumericalError(f"non-finite loss ({nll.item()}) in evaluation windows {start}..{end}")
-            total += nll
+                raise NumericalError(f"non-finite loss ({nll.sum().item()}) in evaluation windows {start}..{end}")
+            per_window.extend(nll.tolist())
             if bar is not None:
                 bar.advance(bar.task_ids[0], batch.shape[0])
-    return result_from_nll(total.item(), count * (seqlen - 1))
+    return result_from_windows(per_window, seqlen - 1)
 
 
-def result_from_nll(nll_sum: float, tokens: int) -> PerplexityResult:
+def result_from_windows(per_window: list[float], tokens_per_window: int) -> PerplexityResult:
+    """The result of windows with these summed NLLs, each predicting ``tokens_per_window``."""
+    total = math.fsum(per_window)
+    return result_from_nll(total, len(per_window) * tokens_per_window, tuple(per_window))
+
+
+def result_from_nll(nll_sum: float, tokens: int, window_nll: tuple[float, ...] = ()) -> PerplexityResult:
     """exp(summed NLL / predicted tokens), inf instead of an overflow."""
     mean = nll_sum / tokens
     ppl = math.exp(mean) if mean < math.log(torch.finfo(torch.float64).max) else math.inf
-    return PerplexityResult(ppl=ppl, nll_sum=nll_sum, tokens=tokens)
+    return PerplexityResult(ppl=ppl, nll_sum=nll_sum, tokens=tokens, window_nll=window_nll)

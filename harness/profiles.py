@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from harness.errors import UsageError
+from prunebench.harness.errors import UsageError
 
 SEVEN_TASKS = ("arc_challenge", "arc_easy", "winogrande", "boolq", "hellaswag", "openbookqa", "piqa")
 

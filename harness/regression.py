@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from harness.adapters import to_pruned
-from harness.context import RunContext
-from harness.manager import PluginHost
-from harness.params import param_report
-from harness.perplexity import perplexity
-from harness.runner import prune
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import RunContext
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import param_report
+from prunebench.harness.perplexity import perplexity
+from prunebench.harness.runner import prune
 
 EXPECTED_PATH = Path(__file__).resolve().parent.parent / "results" / "regression" / "expected.json"
 TOLERANCE = 0.02  # relative: a 5% worse perplexity fails, float noise across thread counts does not
@@ -47,7 +47,7 @@ class Protocol:
 def _data(model_name: str, protocol: Protocol) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """(source model, calibration ids, evaluation windows) of a case's model."""
     if model_name in TINY_MODELS:
-        from harness.testing import tiny_model
+        from prunebench.harness.testing import tiny_model
 
         source = tiny_model(model_name.removeprefix("tiny-"), seed=protocol.seed)
         gen = torch.Generator().manual_seed(protocol.seed)
@@ -55,8 +55,8 @@ def _data(model_name: str, protocol: Protocol) -> tuple[Any, torch.Tensor, torch
         calibration = torch.randint(0, vocab, (protocol.calibration_samples, protocol.calibration_seqlen), generator=gen)
         windows = torch.randint(0, vocab, (protocol.eval_samples, protocol.eval_seqlen), generator=gen)
         return source, calibration, windows
-    from harness.data import calibration_batch, evaluation_windows, load_corpus
-    from harness.models import load_source_model
+    from prunebench.harness.data import calibration_batch, evaluation_windows, load_corpus
+    from prunebench.harness.models import load_source_model
 
     loaded = load_source_model(model_name)
     max_pos = loaded.model.config.max_position_embeddings

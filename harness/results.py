@@ -19,6 +19,7 @@ Scripts depend on this layout, so it is versioned (``schema``) and documented he
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -27,8 +28,8 @@ from typing import Any
 
 import torch
 
-from harness.cache import atomic_write_json
-from harness.errors import UsageError
+from prunebench.harness.cache import atomic_write_json
+from prunebench.harness.errors import UsageError
 
 TOP_LEVEL_KEYS = ("schema", "spec", "recipe", "sparsity", "params", "metrics", "timings", "memory", "pruning", "environment")
 
@@ -79,6 +80,21 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     return results
 
 
+KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+"""Environment variables that change which CPU kernels run (and so the float rounding)."""
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5,
@@ -97,6 +113,9 @@ def environment(device: str) -> dict[str, Any]:
             versions[pkg] = None
     dev = torch.device(device)
     return {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
         "versions": versions,
         "python": platform.python_version(),
         "device": str(dev),

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from harness.context import LayerContext, RunContext, embed
-from harness.contracts import Allocation, Importance, Recipe
-from harness.errors import UsageError
-from harness.manager import PluginHost
-from harness.progress import progress_bar
-from harness.surgery import apply_attention_plan, apply_mlp_plan
+from prunebench.harness.context import LayerContext, RunContext, embed
+from prunebench.harness.contracts import Allocation, Importance, Recipe
+from prunebench.harness.errors import UsageError
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.progress import progress_bar
+from prunebench.harness.surgery import apply_attention_plan, apply_mlp_plan
 
 
 @dataclass

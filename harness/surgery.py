@@ -15,8 +15,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from harness.contracts import AttentionPlan, LinearWeights, MLPPlan
-from harness.pruned_model import (
+from prunebench.harness.contracts import AttentionPlan, LinearWeights, MLPPlan
+from prunebench.harness.pruned_model import (
     LowRankLinear,
     PrunedAttention,
     PrunedForCausalLM,

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from harness.errors import UsageError
+from prunebench.harness.errors import UsageError
 
 T = TypeVar("T")
 
@@ -710,7 +710,7 @@ def measure_against_dense(
     earlier `time_model` result of the source model taken under the same settings (a
     speed sweep times the dense model once, not once per pruned model).
     """
-    from harness.adapters import to_pruned
+    from prunebench.harness.adapters import to_pruned
 
     common = dict(batch=settings["batch"], seqlen=settings["seqlen"], decode_tokens=settings["decode_tokens"],
                   kv_len=settings["kv_len"], warmup=settings["warmup"], repeats=settings["repeats"], device=device)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import UsageError
+from prunebench.harness.errors import UsageError
 
 if TYPE_CHECKING:
     import datasets
@@ -315,10 +315,10 @@ def evaluate_zeroshot(
             backend="causal",
         )
         if getattr(model, "hf_device_map", None):
-            # A dispatched model (harness.evaluate) reports the device of its first
+            # A dispatched model (prunebench.harness.evaluate) reports the device of its first
             # parameter, which is "meta" for disk-offloaded layers; lm-eval must put
             # inputs where the embeddings run. HFLM has no public setter for this.
-            from harness.evaluate import execution_device
+            from prunebench.harness.evaluate import execution_device
 
             lm._device = execution_device(model)
         out = simple_evaluate(

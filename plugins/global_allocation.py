@@ -51,10 +51,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from harness.components import Component
-from harness.contracts import Allocation, Importance, LayerShape, ModelShape
-from harness.errors import UsageError
-from harness.hookspecs import hookimpl
+from prunebench.harness.components import Component
+from prunebench.harness.contracts import Allocation, Importance, LayerShape, ModelShape
+from prunebench.harness.errors import UsageError
+from prunebench.harness.hookspecs import hookimpl
 
 
 @dataclass

@@ -16,8 +16,8 @@ are ``--set allocation=uniform`` on any row (``importance`` is then unused).
 
 from __future__ import annotations
 
-from harness.contracts import ComponentRef, Recipe
-from harness.hookspecs import hookimpl
+from prunebench.harness.contracts import ComponentRef, Recipe
+from prunebench.harness.hookspecs import hookimpl
 
 ABLATION: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("intraslice-naive", "Naive",

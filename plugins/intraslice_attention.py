@@ -17,7 +17,7 @@ naive ablation (paper sections 3.1 and C, Algorithm 2; Table 4's first row).
    and shared by all its query heads. A pair's score is its contribution to q.k:
    ``sum_{h in group} sqrt(E||q_h,pair||^2 * E||k_g,pair||^2)`` (a rotation-invariant bound
    on the pair's term of q_t . R(t-s) k_s, for any relative position). The kept pairs keep
-   their original frequencies (``harness.surgery.keep_qk_pairs``).
+   their original frequencies (``prunebench.harness.surgery.keep_qk_pairs``).
 4. **V/O PCA.** The attention output is recomputed with the kept heads and pairs (a trial
    layer); per KV group, the covariance of its kept heads' outputs (summed, since the
    group shares one value projection) gives a basis Q_2 of its top-p eigenvectors, fused
@@ -67,14 +67,14 @@ from typing import Any
 
 import torch
 
-from harness.budget import heads_to_keep, plan_params
-from harness.components import Component
-from harness.context import LayerContext, position_ids
-from harness.contracts import AttentionPlan
-from harness.hookspecs import hookimpl
-from harness.pruned_model import PrunedAttention, effective_weight
-from harness.stats import Moments, eigh_descending, solve_psd
-from harness.surgery import attention_plan_of, build_attention, fuse_vo, keep_heads, keep_qk_pairs
+from prunebench.harness.budget import heads_to_keep, plan_params
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext, position_ids
+from prunebench.harness.contracts import AttentionPlan
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.pruned_model import PrunedAttention, effective_weight
+from prunebench.harness.stats import Moments, eigh_descending, solve_psd
+from prunebench.harness.surgery import attention_plan_of, build_attention, fuse_vo, keep_heads, keep_qk_pairs
 
 SPLITS = ("equal", "qk-floor")
 O_MAPS = ("lsq", "transpose")

@@ -5,14 +5,14 @@ Three ``ffn`` components, from simplest to full:
 * ``select``: keep the K intermediate channels with the largest amplitude score
   ``s_j = ||W_down[:, j]||^2 * (X_d^T X_d)_jj`` (X_d = the down_proj input); nothing is
   compensated. K = (1 - r) of the FFN's parameters, a multiple of 8 where the width allows
-  (``harness.budget.channels_to_keep``).
+  (``prunebench.harness.budget.channels_to_keep``).
 * ``select-ls``: the same selection Q_c, plus the least-squares reconstruction of Eq. 8:
   the kept channels linearly reconstruct *all* channels, ``X_d ~= (X_d Q_c) Q_r``, and Q_r
   is fused into down_proj (``W_down' = W_down Q_r^T``), so the removed channels are
   compensated rather than dropped. As in the reference code, a kept channel reconstructs
   itself exactly and a removed channel p gets the ridge solution
   ``Q_t = (H_kk + lambda I)^-1 H_kp``, lambda relative to mean(diag H) of the full Gram H
-  (the reference's scale; ``harness.stats.solve_psd`` does the float64 solve with its
+  (the reference's scale; ``prunebench.harness.stats.solve_psd`` does the float64 solve with its
   fallback). This is the paper's un-iterated baseline.
 * ``intraslice-iterpca``: ``select-ls``, then, on the layers with the highest FFN ratios
   (``iterate_fraction`` of the layers, ranked by ``layer.allocation.mlp``; ties go to the
@@ -73,13 +73,13 @@ from typing import Any
 
 import torch
 
-from harness.budget import channels_to_keep
-from harness.components import Component
-from harness.context import LayerContext
-from harness.contracts import LinearWeights, MLPPlan
-from harness.hookspecs import hookimpl
-from harness.stats import solve_psd
-from harness.surgery import keep_channels, mlp_plan_of
+from prunebench.harness.budget import channels_to_keep
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext
+from prunebench.harness.contracts import LinearWeights, MLPPlan
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.stats import solve_psd
+from prunebench.harness.surgery import keep_channels, mlp_plan_of
 
 # ----- selection and the least-squares reconstruction (Eq. 8) ---------------------------------
 SCORE_COLUMNS = 512
@@ -645,18 +645,18 @@ def prunebench_components() -> list[Component]:
     return [SelectFFN(), SelectLSFFN(), IterPCAFFN()]
 
 
-# ----- benchmark: python -m plugins.intraslice_ffn [--ncal 16 --seqlen 256 --ratio 0.3] ------------
+# ----- benchmark: python -m prunebench.plugins.intraslice_ffn [--ncal 16 --seqlen 256 --ratio 0.3] ------------
 def benchmark(model: str = "smollm2-135m", ncal: int = 16, seqlen: int = 256, ratio: float = 0.3) -> dict[str, dict[str, float]]:
     """Wall time of the FFN component with and without the iterative step, and its share of
     the whole layer loop, at a uniform FFN-only ratio (attention kept)."""
     import copy
 
-    from harness.adapters import to_pruned
-    from harness.context import RunContext
-    from harness.data import calibration_batch, load_corpus
-    from harness.manager import PluginHost
-    from harness.models import load_source_model
-    from harness.runner import prune
+    from prunebench.harness.adapters import to_pruned
+    from prunebench.harness.context import RunContext
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.manager import PluginHost
+    from prunebench.harness.models import load_source_model
+    from prunebench.harness.runner import prune
 
     src = load_source_model(model)
     calib = calibration_batch(src.tokenizer, load_corpus("wiki-offline"), ncal, seqlen, seed=0)

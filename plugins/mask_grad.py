@@ -49,7 +49,7 @@ Departures from the reference code (Asker0Lee/IntraSlice, ``global_prune_rate``)
   cross-entropy runs in token chunks, so the graph never holds more than one layer's
   activations and one chunk of logits (see ``checkpoint`` and ``loss_chunk``).
 
-Results are cached (``harness.cache``) under a key of ``run.cache_parts`` (model
+Results are cached (``prunebench.harness.cache``) under a key of ``run.cache_parts`` (model
 fingerprint, data spec, seed, sequence length), the component and its parameters, the
 batch size, a digest of the calibration ids and a cheap fingerprint of the weights, so a
 grid of methods and sparsities computes them once; ``run.use_cache=False`` disables it.
@@ -69,13 +69,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from harness.cache import stable_key, torch_cache_get, torch_cache_put
-from harness.components import Component
-from harness.context import RunContext, position_ids
-from harness.contracts import Importance
-from harness.hookspecs import hookimpl
-from harness.pruned_model import PrunedForCausalLM
-from harness.results import peak_rss_mb
+from prunebench.harness.cache import stable_key, torch_cache_get, torch_cache_put
+from prunebench.harness.components import Component
+from prunebench.harness.context import RunContext, position_ids
+from prunebench.harness.contracts import Importance
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.pruned_model import PrunedForCausalLM
+from prunebench.harness.results import peak_rss_mb
 
 CACHE_KIND = "mask-grad"
 CACHE_VERSION = 1

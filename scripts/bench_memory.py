@@ -21,12 +21,12 @@ GIB = 1024**3
 def measure(method: str, samples: int, seqlen: int, stage: str = "prune") -> dict:
     import torch
 
-    from harness.adapters import to_pruned
-    from harness.context import RunContext
-    from harness.data import calibration_batch, load_corpus
-    from harness.manager import PluginHost
-    from harness.models import load_source_model
-    from harness.runner import prune
+    from prunebench.harness.adapters import to_pruned
+    from prunebench.harness.context import RunContext
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.manager import PluginHost
+    from prunebench.harness.models import load_source_model
+    from prunebench.harness.runner import prune
 
     host = PluginHost()
     recipe = host.resolve(method)

@@ -99,7 +99,7 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    from harness.models import load_source_model
+    from prunebench.harness.models import load_source_model
 
     work = Path(args.workdir)
     source = work / "source"
@@ -123,7 +123,7 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
         result_json = work / f"{method}.json"
-        cmd = [sys.executable, "-m", "harness.cli", "offload", "--model", str(source), "--method", method,
+        cmd = [sys.executable, "-m", "prunebench.harness.cli", "offload", "--model", str(source), "--method", method,
                "--sparsity", str(args.sparsity), "--out", str(out), "--json", str(result_json), "--quiet",
                "--calibration-samples", str(args.calibration_samples), "--calibration-seqlen", str(args.calibration_seqlen),
                "--eval-samples", str(args.eval_samples), "--eval-seqlen", str(args.eval_seqlen)]
@@ -148,7 +148,7 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
     report = {"model": info, "settings": vars(args), "runs": rows, "threads": torch.get_num_threads()}
     if args.json:
-        from harness.cache import atomic_write_json
+        from prunebench.harness.cache import atomic_write_json
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.json, report)

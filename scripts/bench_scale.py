@@ -79,11 +79,11 @@ def measure(size: Size, method: str, samples: int, seqlen: int, vocab: int = 819
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.adapters import to_pruned
-    from harness.context import RunContext
-    from harness.manager import PluginHost
-    from harness.params import decoder_params
-    from harness.runner import prune
+    from prunebench.harness.adapters import to_pruned
+    from prunebench.harness.context import RunContext
+    from prunebench.harness.manager import PluginHost
+    from prunebench.harness.params import decoder_params
+    from prunebench.harness.runner import prune
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
@@ -147,7 +147,7 @@ def main() -> int:
                   f"{r['stages_s'].get('importance', 0.0):5.1f} s), peak RSS {r['peak_rss_gib']:.2f} GiB, added by "
                   f"pruning {r['added_by_pruning_gib']:.2f} GiB, achieved {r['achieved']:.3f}", flush=True)
     if args.json:
-        from harness.cache import atomic_write_json
+        from prunebench.harness.cache import atomic_write_json
 
         atomic_write_json(args.json, {"command": " ".join(sys.argv), "rows": rows})
     return 0

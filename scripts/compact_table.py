@@ -14,7 +14,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from harness.results import load_results
+from prunebench.harness.results import load_results
 
 
 def cell(result: dict[str, Any], sources: tuple[str, str]) -> str:

@@ -11,10 +11,10 @@ import argparse
 import time
 from pathlib import Path
 
-from harness.api import RunSpec
-from harness.grid import run_grid
-from harness.manager import PluginHost
-from harness.report import markdown, print_rich
+from prunebench.harness.api import RunSpec
+from prunebench.harness.grid import run_grid
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.report import markdown, print_rich
 
 # Seconds per grid cell (load, prune, evaluation, timing; mean of 20% and 30%; flap without
 # the dense evaluation its first cell carried) and for the
@@ -68,7 +68,7 @@ def main() -> int:
 
 
 def _result_exists(spec: RunSpec, results_dir: str, host: PluginHost) -> bool:
-    from harness.api import protocol_id, protocol_of, result_path, validate
+    from prunebench.harness.api import protocol_id, protocol_of, result_path, validate
 
     profile, recipe = validate(spec, host)
     return result_path(results_dir, spec, recipe.name, protocol_id(protocol_of(spec, profile))).exists()

@@ -33,28 +33,28 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 #: (module, attribute path) of the calls that get a label; missing ones are skipped, so the
 #: list can name the steps of several methods.
 LABELLED = (
-    ("harness.manager", "PluginHost.call"),
-    ("harness.offload", "DiskLayers.acquire"),
-    ("harness.offload", "DiskLayers.release"),
-    ("harness.context", "LayerContext.outputs"),
-    ("harness.context", "LayerContext.trial_layer"),
-    ("harness.context", "LayerContext.collect"),
-    ("harness.context", "LayerContext.capture"),
-    ("harness.surgery", "apply_attention_plan"),
-    ("harness.surgery", "apply_mlp_plan"),
-    ("harness.runner", "apply_attention_plan"),
-    ("harness.runner", "apply_mlp_plan"),
-    ("plugins.mask_grad", "streamed_mask_importance"),
-    ("plugins.intraslice_attention", "plan_head_pca"),
-    ("plugins.intraslice_attention", "joint_o_in"),
-    ("plugins.intraslice_attention", "group_bases"),
-    ("plugins.intraslice_ffn", "reconstruction_map"),
-    ("plugins.intraslice_ffn", "iterative_pca"),
-    ("plugins.intraslice_ffn", "_try_recompute_q_r"),
-    ("plugins.intraslice_ffn", "_try_slice"),
-    ("plugins.intraslice_ffn", "fused_plan"),
-    ("plugins.intraslice_ffn", "_prepare"),
-    ("plugins.intraslice_ffn", "channel_scores"),
+    ("prunebench.harness.manager", "PluginHost.call"),
+    ("prunebench.harness.offload", "DiskLayers.acquire"),
+    ("prunebench.harness.offload", "DiskLayers.release"),
+    ("prunebench.harness.context", "LayerContext.outputs"),
+    ("prunebench.harness.context", "LayerContext.trial_layer"),
+    ("prunebench.harness.context", "LayerContext.collect"),
+    ("prunebench.harness.context", "LayerContext.capture"),
+    ("prunebench.harness.surgery", "apply_attention_plan"),
+    ("prunebench.harness.surgery", "apply_mlp_plan"),
+    ("prunebench.harness.runner", "apply_attention_plan"),
+    ("prunebench.harness.runner", "apply_mlp_plan"),
+    ("prunebench.plugins.mask_grad", "streamed_mask_importance"),
+    ("prunebench.plugins.intraslice_attention", "plan_head_pca"),
+    ("prunebench.plugins.intraslice_attention", "joint_o_in"),
+    ("prunebench.plugins.intraslice_attention", "group_bases"),
+    ("prunebench.plugins.intraslice_ffn", "reconstruction_map"),
+    ("prunebench.plugins.intraslice_ffn", "iterative_pca"),
+    ("prunebench.plugins.intraslice_ffn", "_try_recompute_q_r"),
+    ("prunebench.plugins.intraslice_ffn", "_try_slice"),
+    ("prunebench.plugins.intraslice_ffn", "fused_plan"),
+    ("prunebench.plugins.intraslice_ffn", "_prepare"),
+    ("prunebench.plugins.intraslice_ffn", "channel_scores"),
 )
 
 
@@ -135,9 +135,9 @@ def main() -> None:
     parser.add_argument("--trace", help="write every stretch (label path, RSS at entry, peak) here as TSV")
     args = parser.parse_args()
 
-    from harness.data import calibration_batch, load_corpus
-    from harness.models import load_source_model
-    from harness.offload import prune_offloaded, release_freed_memory
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.models import load_source_model
+    from prunebench.harness.offload import prune_offloaded, release_freed_memory
 
     work = Path(args.workdir)
     source = work / f"source-{args.layers}"

@@ -3,7 +3,7 @@
 Every method at 30% on SmolLM2-135M (4 x 128 calibration tokens, 4 x 128 evaluation
 tokens of wiki-offline) and on tiny random GQA Llama and Phi-3 models. The test
 ``tests/test_regression.py`` reruns the cases and fails when a perplexity moves by more
-than the tolerance (``harness.regression.TOLERANCE``).
+than the tolerance (``prunebench.harness.regression.TOLERANCE``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import asdict
 
 import torch
 
-from harness.cache import atomic_write_json
-from harness.manager import PluginHost
-from harness.regression import (
+from prunebench.harness.cache import atomic_write_json
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.regression import (
     EXPECTED_PATH,
     REAL_MODEL,
     SPARSITY,

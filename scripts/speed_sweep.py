@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from harness.adapters import to_pruned
-from harness.cache import atomic_write_bytes, atomic_write_json
-from harness.models import load_source_model
-from harness.params import attention_params, decoder_params
-from harness.profiles import get_profile
-from harness.pruned_model import PrunedConfig, PrunedForCausalLM, register_auto_classes
-from harness.timing import measure_against_dense, time_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.cache import atomic_write_bytes, atomic_write_json
+from prunebench.harness.models import load_source_model
+from prunebench.harness.params import attention_params, decoder_params
+from prunebench.harness.profiles import get_profile
+from prunebench.harness.pruned_model import PrunedConfig, PrunedForCausalLM, register_auto_classes
+from prunebench.harness.timing import measure_against_dense, time_model
 
 COLUMNS = (
     ("prefill", ("ratios", "prefill_latency_ratio")),

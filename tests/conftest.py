@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.adapters import to_pruned
-from harness.manager import PluginHost
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.testing import tiny_model
 
 FAMILIES = ("llama-mha", "llama-gqa", "llama-bias", "qwen2", "phi3", "phi3-partial")
 
@@ -37,6 +37,6 @@ def tiny_pair(family):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded SmolLM2-135M (converted once to the safetensors cache)."""
-    from harness.models import load_source_model
+    from prunebench.harness.models import load_source_model
 
     return load_source_model("smollm2-135m")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from harness import grid
-from harness.ablation import ablation_rows, ablation_specs, ablation_table
-from harness.api import RunSpec, protocol_id, protocol_of, result_path
-from harness.cli import main
-from harness.errors import UsageError
-from harness.manager import PluginHost
-from harness.results import write_result
+from prunebench.harness import grid
+from prunebench.harness.ablation import ablation_rows, ablation_specs, ablation_table
+from prunebench.harness.api import RunSpec, protocol_id, protocol_of, result_path
+from prunebench.harness.cli import main
+from prunebench.harness.errors import UsageError
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.results import write_result
 
 
 @pytest.fixture(scope="module")

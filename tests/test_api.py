@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from harness.api import RunSpec, dense_metrics_key
+from prunebench.harness.api import RunSpec, dense_metrics_key
 
 WINDOWS = {"wiki-offline": torch.arange(32).reshape(2, 16)}
 

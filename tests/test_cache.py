@@ -1,4 +1,4 @@
-"""Tests of harness.cache: keys that see every input, atomic writes, torch round trips."""
+"""Tests of prunebench.harness.cache: keys that see every input, atomic writes, torch round trips."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import cache
+from prunebench.harness import cache
 
 
 @pytest.fixture(autouse=True)

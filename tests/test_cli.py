@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from harness.cli import main
-from harness.results import TOP_LEVEL_KEYS
+from prunebench.harness.cli import main
+from prunebench.harness.results import TOP_LEVEL_KEYS
 
 FAST = ["--profile", "ci", "--no-zeroshot", "--no-timing", "--quiet"]
 

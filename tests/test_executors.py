@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from harness.api import RunSpec
-from harness.errors import UsageError
-from harness.executors import (
+from prunebench.harness.api import RunSpec
+from prunebench.harness.errors import UsageError
+from prunebench.harness.executors import (
     GridFailure,
     RayExecutor,
     Resources,
     SlurmExecutor,
     make_executor,
 )
-from harness.grid import run_grid
-from harness.results import load_results
+from prunebench.harness.grid import run_grid
+from prunebench.harness.results import load_results
 
 SMALL = {"calibration_samples": 2, "calibration_seqlen": 64, "eval_samples": 2, "eval_seqlen": 64,
          "eval_sources": ["wiki-offline"]}

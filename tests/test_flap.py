@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.flap import (
+from prunebench.baselines.flap import (
     FlapAllocation,
     FlapAttention,
     FlapFFN,
@@ -13,15 +13,15 @@ from baselines.flap import (
     channel_metric,
     standardise,
 )
-from harness.adapters import to_pruned
-from harness.context import LayerContext, RunContext, embed, run_layer
-from harness.contracts import Allocation, Importance, LayerShape, ModelShape
-from harness.manager import PluginHost
-from harness.params import model_shape, param_report
-from harness.pruned_model import PrunedForCausalLM
-from harness.runner import prune
-from harness.surgery import apply_attention_plan, apply_mlp_plan
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import LayerContext, RunContext, embed, run_layer
+from prunebench.harness.contracts import Allocation, Importance, LayerShape, ModelShape
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import model_shape, param_report
+from prunebench.harness.pruned_model import PrunedForCausalLM
+from prunebench.harness.runner import prune
+from prunebench.harness.surgery import apply_attention_plan, apply_mlp_plan
+from prunebench.harness.testing import tiny_model
 
 CPU = torch.device("cpu")
 
@@ -199,9 +199,9 @@ def test_flap_layer_components_work_without_global_scores(host: PluginHost, ids:
 
 @pytest.mark.real
 def test_smollm2_small_flap(host: PluginHost) -> None:
-    from harness.data import calibration_batch, evaluation_windows, load_corpus
-    from harness.models import load_source_model
-    from harness.perplexity import perplexity
+    from prunebench.harness.data import calibration_batch, evaluation_windows, load_corpus
+    from prunebench.harness.models import load_source_model
+    from prunebench.harness.perplexity import perplexity
 
     src = load_source_model("smollm2-135m")
     corpus = load_corpus("wiki-offline")

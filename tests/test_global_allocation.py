@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.contracts import Importance, LayerShape, ModelShape
-from harness.errors import UsageError
-from plugins.global_allocation import GlobalAllocation, global_allocation, remove_lowest
-from plugins.intraslice import ablation_labels, ablation_recipes
-from plugins.mask_grad import ChannelImportance
+from prunebench.harness.contracts import Importance, LayerShape, ModelShape
+from prunebench.harness.errors import UsageError
+from prunebench.plugins.global_allocation import GlobalAllocation, global_allocation, remove_lowest
+from prunebench.plugins.intraslice import ablation_labels, ablation_recipes
+from prunebench.plugins.mask_grad import ChannelImportance
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +151,7 @@ def test_errors_are_clear() -> None:
 
 
 def test_ablation_recipes_resolve_in_table_order() -> None:
-    from harness.manager import PluginHost
+    from prunebench.harness.manager import PluginHost
 
     host = PluginHost()
     names = ablation_recipes()
@@ -165,12 +165,12 @@ def test_ablation_recipes_resolve_in_table_order() -> None:
 
 
 def test_pca_a_recipe_prunes_a_tiny_model_to_the_target() -> None:
-    from harness.adapters import to_pruned
-    from harness.context import RunContext
-    from harness.manager import PluginHost
-    from harness.params import param_report
-    from harness.runner import prune
-    from harness.testing import tiny_model
+    from prunebench.harness.adapters import to_pruned
+    from prunebench.harness.context import RunContext
+    from prunebench.harness.manager import PluginHost
+    from prunebench.harness.params import param_report
+    from prunebench.harness.runner import prune
+    from prunebench.harness.testing import tiny_model
 
     host = PluginHost()
     model = to_pruned(tiny_model("llama-gqa", layers=3))

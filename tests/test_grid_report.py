@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from harness.api import RunSpec, protocol_id, protocol_of, result_path
-from harness.errors import UsageError
-from harness.grid import run_grid
-from harness.report import group_by_protocol, markdown, plots, rows
-from harness.results import TOP_LEVEL_KEYS, write_result
+from prunebench.harness.api import RunSpec, protocol_id, protocol_of, result_path
+from prunebench.harness.errors import UsageError
+from prunebench.harness.grid import run_grid
+from prunebench.harness.report import group_by_protocol, markdown, plots, rows
+from prunebench.harness.results import TOP_LEVEL_KEYS, write_result
 
 
 def _fake_result(spec: RunSpec, ppl: float) -> dict:
@@ -151,7 +151,7 @@ def test_result_writer_refuses_incomplete_results(tmp_path):
 
 
 def test_cost_table_ratios_to_the_reference_method():
-    from harness.report import cost_rows
+    from prunebench.harness.report import cost_rows
 
     results = []
     for method, seconds in (("slicegpt", 40.0), ("wanda-sp", 10.0), ("intraslice", 100.0)):
@@ -168,7 +168,7 @@ def test_cost_table_ratios_to_the_reference_method():
 
 
 def test_sweep_table_orders_by_the_swept_field_across_protocols(tmp_path):
-    from harness.report import sweep_markdown, sweep_plot, sweep_rows
+    from prunebench.harness.report import sweep_markdown, sweep_plot, sweep_rows
 
     results = []
     for samples, ppl in ((32, 40.0), (16, 50.0), (64, 35.0)):

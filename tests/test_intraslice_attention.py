@@ -11,14 +11,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from harness.adapters import to_pruned
-from harness.budget import plan_params
-from harness.context import LayerContext, RunContext, embed, position_ids
-from harness.contracts import AttentionPlan, LinearWeights
-from harness.params import attention_params
-from harness.surgery import apply_attention_plan, attention_plan_of, build_attention, keep_heads
-from harness.testing import tiny_model
-from plugins.intraslice_attention import (
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.budget import plan_params
+from prunebench.harness.context import LayerContext, RunContext, embed, position_ids
+from prunebench.harness.contracts import AttentionPlan, LinearWeights
+from prunebench.harness.params import attention_params
+from prunebench.harness.surgery import apply_attention_plan, attention_plan_of, build_attention, keep_heads
+from prunebench.harness.testing import tiny_model
+from prunebench.plugins.intraslice_attention import (
     AttentionCosts,
     HeadPrune,
     IntraSliceHeadPCA,
@@ -242,8 +242,8 @@ def test_head_prune_removes_lowest_heads_without_pca() -> None:
 # ----- end to end ----------------------------------------------------------------------------
 @pytest.mark.parametrize("attention", ["intraslice-head-pca", "head-prune"])
 def test_runs_through_the_host(attention: str) -> None:
-    from harness.manager import PluginHost
-    from harness.runner import prune
+    from prunebench.harness.manager import PluginHost
+    from prunebench.harness.runner import prune
 
     host = PluginHost()
     model = to_pruned(tiny_model("llama-gqa"))
@@ -260,8 +260,8 @@ def test_runs_through_the_host(attention: str) -> None:
 # ----- SmolLM2 -------------------------------------------------------------------------------
 @pytest.mark.real
 def test_smollm2_layer_pca_beats_head_prune() -> None:
-    from harness.data import calibration_batch, load_corpus
-    from harness.models import load_source_model
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.models import load_source_model
 
     source = load_source_model("smollm2-135m")
     model = to_pruned(source.model)

@@ -7,16 +7,16 @@ import itertools
 import pytest
 import torch
 
-from harness.adapters import to_pruned
-from harness.budget import channels_to_keep, plan_params
-from harness.context import LayerContext, RunContext, embed, run_layer
-from harness.contracts import Allocation, MLPPlan
-from harness.manager import PluginHost
-from harness.params import decoder_params
-from harness.runner import prune
-from harness.surgery import mlp_plan_of
-from harness.testing import tiny_model
-from plugins.intraslice_ffn import (
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.budget import channels_to_keep, plan_params
+from prunebench.harness.context import LayerContext, RunContext, embed, run_layer
+from prunebench.harness.contracts import Allocation, MLPPlan
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import decoder_params
+from prunebench.harness.runner import prune
+from prunebench.harness.surgery import mlp_plan_of
+from prunebench.harness.testing import tiny_model
+from prunebench.plugins.intraslice_ffn import (
     FFNSamples,
     IterConfig,
     RidgeProblem,
@@ -300,8 +300,8 @@ def test_real_smollm2_layer() -> None:
     """On a real SmolLM2 layer: Eq. 8 beats plain selection on the calibration statistics,
     and the iterative step never increases its objective (and its fused plan really makes
     the error it reports)."""
-    from harness.data import calibration_batch, load_corpus
-    from harness.models import load_source_model
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.models import load_source_model
 
     src = load_source_model("smollm2-135m")
     ids = calibration_batch(src.tokenizer, load_corpus("wiki-offline"), 8, 128, seed=0)

@@ -9,23 +9,23 @@ import textwrap
 import pytest
 import torch
 
-from harness.adapters import to_pruned
-from harness.context import RunContext
-from harness.errors import UsageError
-from harness.manager import PluginHost
-from harness.params import param_report
-from harness.runner import prune
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import RunContext
+from prunebench.harness.errors import UsageError
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import param_report
+from prunebench.harness.runner import prune
+from prunebench.harness.testing import tiny_model
 
 THIRD_PARTY = textwrap.dedent(
     '''
     """A method from outside the package: drop the FFN channels with the smallest down_proj norms."""
     import torch
-    from harness.components import Component
-    from harness.contracts import ComponentRef, Recipe
-    from harness.hookspecs import hookimpl
-    from harness.budget import channels_to_keep
-    from harness.surgery import keep_channels, mlp_plan_of
+    from prunebench.harness.components import Component
+    from prunebench.harness.contracts import ComponentRef, Recipe
+    from prunebench.harness.hookspecs import hookimpl
+    from prunebench.harness.budget import channels_to_keep
+    from prunebench.harness.surgery import keep_channels, mlp_plan_of
 
     class NormFFN(Component):
         """Keep the FFN channels with the largest down_proj column norms."""

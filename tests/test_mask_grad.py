@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import pruned_model
-from harness.adapters import to_pruned
-from harness.context import RunContext
-from harness.surgery import (
+from prunebench.harness import pruned_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import RunContext
+from prunebench.harness.surgery import (
     apply_attention_plan,
     apply_mlp_plan,
     attention_plan_of,
@@ -16,9 +16,9 @@ from harness.surgery import (
     keep_heads,
     mlp_plan_of,
 )
-from harness.testing import tiny_model
-from plugins import mask_grad
-from plugins.mask_grad import (
+from prunebench.harness.testing import tiny_model
+from prunebench.plugins import mask_grad
+from prunebench.plugins.mask_grad import (
     ChannelMasks,
     MaskGrad,
     MaskGradPCA,
@@ -250,10 +250,10 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch) -> None:
 def test_real_smollm2_scores_and_global_ratios() -> None:
     """On SmolLM2 (2 x 64 tokens): finite positive scores of the right shapes, and the
     global allocation built on them meets the budget and the cap."""
-    from harness.data import calibration_batch, load_corpus
-    from harness.models import load_source_model
-    from harness.params import model_shape
-    from plugins.global_allocation import GlobalAllocation, global_allocation
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.models import load_source_model
+    from prunebench.harness.params import model_shape
+    from prunebench.plugins.global_allocation import GlobalAllocation, global_allocation
 
     src = load_source_model("smollm2-135m")
     model = to_pruned(src.model)

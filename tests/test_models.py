@@ -1,4 +1,4 @@
-"""Tests of harness.models: the embedded SmolLM2, the GGUF cache, paths, hub ids, options.
+"""Tests of prunebench.harness.models: the embedded SmolLM2, the GGUF cache, paths, hub ids, options.
 
 The embedded model is loaded once per module through the default cache (shared with the
 rest of the suite, so its ~30 s conversion happens once per machine). One test converts
@@ -20,11 +20,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from harness import models
-from harness.cache import CACHE_ENV, default_permissions
-from harness.errors import UsageError
-from harness.models import MODELS, SourceModel, convert_gguf, gguf_sha256, list_models, load_source_model
-from harness.testing import tiny_model
+from prunebench.harness import models
+from prunebench.harness.cache import CACHE_ENV, default_permissions
+from prunebench.harness.errors import UsageError
+from prunebench.harness.models import MODELS, SourceModel, convert_gguf, gguf_sha256, list_models, load_source_model
+from prunebench.harness.testing import tiny_model
 
 EMBEDDED = "smollm2-135m"
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from harness.adapters import to_pruned
-from harness.cli import main
-from harness.context import RunContext
-from harness.errors import UsageError
-from harness.offload import DiskLayers, check_offload, prune_offloaded, streamed_perplexity
-from harness.perplexity import perplexity
-from harness.runner import prune
-from harness.testing import tiny_model
-from plugins.mask_grad import mask_importance, streamed_mask_importance
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.cli import main
+from prunebench.harness.context import RunContext
+from prunebench.harness.errors import UsageError
+from prunebench.harness.offload import DiskLayers, check_offload, prune_offloaded, streamed_perplexity
+from prunebench.harness.perplexity import perplexity
+from prunebench.harness.runner import prune
+from prunebench.harness.testing import tiny_model
+from prunebench.plugins.mask_grad import mask_importance, streamed_mask_importance
 
 
 def _source(tmp_path, kind: str, layers: int = 3):
@@ -122,7 +122,7 @@ def test_existing_output_refused_and_failure_leaves_no_checkpoint(tmp_path, host
 
 
 def test_cli_offload(tmp_path, capsys):
-    from harness.models import load_source_model
+    from prunebench.harness.models import load_source_model
 
     source = tiny_model("llama-gqa", vocab_size=49152, layers=2)
     directory = tmp_path / "src"
@@ -143,8 +143,8 @@ def test_cli_offload(tmp_path, capsys):
 
 def test_eval_with_disk_offloaded_device_map(tmp_path, capsys):
     """A saved pruned model evaluated with most layers on disk gives the in-memory numbers."""
-    from harness.evaluate import load_dispatched, parse_max_memory
-    from harness.models import load_source_model
+    from prunebench.harness.evaluate import load_dispatched, parse_max_memory
+    from prunebench.harness.models import load_source_model
 
     model = to_pruned(tiny_model("llama-gqa", vocab_size=49152, layers=4))
     directory = tmp_path / "pruned"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.olica import (
+from prunebench.baselines.olica import (
     OlicaAttention,
     OlicaFFN,
     compress_vo,
@@ -15,16 +15,16 @@ from baselines.olica import (
     split_budget,
     vo_decomposition,
 )
-from harness.adapters import to_pruned
-from harness.budget import plan_params
-from harness.context import LayerContext, RunContext, embed
-from harness.contracts import Allocation
-from harness.manager import PluginHost
-from harness.params import decoder_params, param_report
-from harness.pruned_model import LowRankLinear
-from harness.runner import prune
-from harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, fuse_vo, keep_channels, mlp_plan_of
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.budget import plan_params
+from prunebench.harness.context import LayerContext, RunContext, embed
+from prunebench.harness.contracts import Allocation
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import decoder_params, param_report
+from prunebench.harness.pruned_model import LowRankLinear
+from prunebench.harness.runner import prune
+from prunebench.harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, fuse_vo, keep_channels, mlp_plan_of
+from prunebench.harness.testing import tiny_model
 
 CPU = torch.device("cpu")
 FORCE_CALIBRATION = ["ffn.calibrated_fraction=1.0", "ffn.min_gain=-1e9"]
@@ -184,8 +184,8 @@ def test_olica_prunes_tiny_models_and_counts_every_factor(host: PluginHost, kind
 
 @pytest.mark.real
 def test_calibration_on_smollm2_layer() -> None:
-    from harness.data import calibration_batch, load_corpus
-    from harness.models import load_source_model
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.models import load_source_model
 
     source = load_source_model("smollm2-135m")
     model = to_pruned(source.model)

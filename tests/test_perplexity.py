@@ -1,4 +1,4 @@
-"""Tests of harness.perplexity against an independent cross-entropy reference."""
+"""Tests of prunebench.harness.perplexity against an independent cross-entropy reference."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import data
-from harness import perplexity as perplexity_module
-from harness.errors import NumericalError
-from harness.perplexity import PerplexityResult, perplexity
+from prunebench.harness import data
+from prunebench.harness import perplexity as perplexity_module
+from prunebench.harness.errors import NumericalError
+from prunebench.harness.perplexity import PerplexityResult, perplexity
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,18 @@ def test_uniform_logits_give_the_vocabulary_size() -> None:
             return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 100))
 
     result = perplexity(Uniform(), torch.randint(0, 100, (3, 10)), progress=False)
-    assert result == PerplexityResult(ppl=pytest.approx(100.0, rel=1e-6), nll_sum=pytest.approx(27 * math.log(100)), tokens=27)
+    assert result == PerplexityResult(ppl=pytest.approx(100.0, rel=1e-6), nll_sum=pytest.approx(27 * math.log(100)), tokens=27,
+                                      window_nll=tuple(pytest.approx(9 * math.log(100)) for _ in range(3)))
+
+
+def test_window_nlls_sum_to_the_total_in_window_order(model: torch.nn.Module, windows: torch.Tensor) -> None:
+    """Per-window NLLs (what bootstraps resample) are each window's own sum, in order."""
+    whole = perplexity(model, windows, batch_size=3, progress=False)
+    assert len(whole.window_nll) == windows.shape[0]
+    assert math.fsum(whole.window_nll) == pytest.approx(whole.nll_sum, rel=1e-12)
+    for i in (0, windows.shape[0] - 1):
+        alone = perplexity(model, windows[i : i + 1], batch_size=1, progress=False)
+        assert whole.window_nll[i] == pytest.approx(alone.nll_sum, rel=1e-5)
 
 
 def test_eval_mode_is_used_and_training_mode_restored(windows: torch.Tensor) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from harness.adapters import to_pruned
-from harness.contracts import LinearWeights
-from harness.pruned_model import PrunedForCausalLM
-from harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, keep_heads, mlp_plan_of
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.contracts import LinearWeights
+from prunebench.harness.pruned_model import PrunedForCausalLM
+from prunebench.harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, keep_heads, mlp_plan_of
+from prunebench.harness.testing import tiny_model
 
 
 def test_conversion_reproduces_dense_logits(tiny_pair, calib_ids):

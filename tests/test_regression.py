@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.manager import PluginHost
-from harness.regression import (
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.regression import (
     REAL_MODEL,
     SPARSITY,
     TINY_MODELS,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.adapters import to_pruned
-from harness.context import RunContext
-from harness.errors import UsageError
-from harness.params import decoder_params, model_shape, param_report
-from harness.runner import prune
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import RunContext
+from prunebench.harness.errors import UsageError
+from prunebench.harness.params import decoder_params, model_shape, param_report
+from prunebench.harness.runner import prune
+from prunebench.harness.testing import tiny_model
 
 
 def _run(model, ids, target, host, method="wanda-sp", overrides=()):
@@ -66,7 +66,7 @@ def test_sparsity_outside_range_is_refused(calib_ids, host, bad):
 def test_unsupported_architecture_names_the_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from harness.errors import UnsupportedModelError
+    from prunebench.harness.errors import UnsupportedModelError
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedModelError, match="unsupported architecture GPT2LMHeadModel; supported: .*LlamaForCausalLM"):

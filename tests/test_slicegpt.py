@@ -5,19 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.slicegpt import (
+from prunebench.baselines.slicegpt import (
     fuse_norms,
     sliced_decoder_params,
     width_for_slicing,
     width_for_sparsity,
 )
-from harness.adapters import to_pruned
-from harness.context import RunContext
-from harness.manager import PluginHost
-from harness.params import decoder_params, param_report
-from harness.pruned_model import PrunedForCausalLM
-from harness.runner import prune
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import RunContext
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import decoder_params, param_report
+from prunebench.harness.pruned_model import PrunedForCausalLM
+from prunebench.harness.runner import prune
+from prunebench.harness.testing import tiny_model
 
 KINDS = ["llama-mha", "llama-gqa", "llama-bias", "phi3", "phi3-partial"]
 
@@ -153,9 +153,9 @@ def test_sliced_model_saves_and_loads(host: PluginHost, ids: torch.Tensor, tmp_p
 
 @pytest.mark.real
 def test_smollm2_small_slice(host: PluginHost) -> None:
-    from harness.data import calibration_batch, evaluation_windows, load_corpus
-    from harness.models import load_source_model
-    from harness.perplexity import perplexity
+    from prunebench.harness.data import calibration_batch, evaluation_windows, load_corpus
+    from prunebench.harness.models import load_source_model
+    from prunebench.harness.perplexity import perplexity
 
     src = load_source_model("smollm2-135m")
     corpus = load_corpus("wiki-offline")

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from baselines.sobp import (
+from prunebench.baselines.sobp import (
     SobpAttention,
     block_scores,
     greedy_channels,
@@ -18,18 +18,18 @@ from baselines.sobp import (
     reconstruction_error,
     sobp_allocation,
 )
-from harness.adapters import to_pruned
-from harness.budget import channels_to_keep
-from harness.components import Component
-from harness.context import LayerContext, RunContext, embed
-from harness.contracts import Allocation, Importance, LayerShape, ModelShape
-from harness.errors import UsageError
-from harness.hookspecs import hookimpl
-from harness.manager import PluginHost
-from harness.params import decoder_params, param_report
-from harness.runner import prune
-from harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, keep_channels, keep_heads, mlp_plan_of
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.budget import channels_to_keep
+from prunebench.harness.components import Component
+from prunebench.harness.context import LayerContext, RunContext, embed
+from prunebench.harness.contracts import Allocation, Importance, LayerShape, ModelShape
+from prunebench.harness.errors import UsageError
+from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import decoder_params, param_report
+from prunebench.harness.runner import prune
+from prunebench.harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, keep_channels, keep_heads, mlp_plan_of
+from prunebench.harness.testing import tiny_model
 
 CPU = torch.device("cpu")
 
@@ -299,8 +299,8 @@ def test_sobp_global_with_mask_grad(host: PluginHost) -> None:
 
 @pytest.mark.real
 def test_obs_beats_plain_removal_on_smollm2() -> None:
-    from harness.data import calibration_batch, load_corpus
-    from harness.models import load_source_model
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.models import load_source_model
 
     source = load_source_model("smollm2-135m")
     model = to_pruned(source.model)

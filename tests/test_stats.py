@@ -1,11 +1,11 @@
-"""harness.stats: streamed moments and the damped PSD solve every method shares."""
+"""prunebench.harness.stats: streamed moments and the damped PSD solve every method shares."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from harness.stats import Moments, damped, solve_psd
+from prunebench.harness.stats import Moments, damped, solve_psd
 
 
 def _psd(n: int, rank: int | None = None, seed: int = 0) -> torch.Tensor:

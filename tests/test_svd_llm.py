@@ -5,22 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.svd_llm import (
+from prunebench.baselines.svd_llm import (
     compress_projection,
     plain_svd_factors,
     rank_for_ratio,
     whitened_factors,
     whitening_factor,
 )
-from harness.adapters import to_pruned
-from harness.context import LayerContext, RunContext, embed
-from harness.contracts import Allocation, LinearWeights
-from harness.manager import PluginHost
-from harness.params import decoder_params, param_report
-from harness.pruned_model import LowRankLinear, PrunedForCausalLM
-from harness.runner import prune
-from harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, mlp_plan_of
-from harness.testing import tiny_model
+from prunebench.harness.adapters import to_pruned
+from prunebench.harness.context import LayerContext, RunContext, embed
+from prunebench.harness.contracts import Allocation, LinearWeights
+from prunebench.harness.manager import PluginHost
+from prunebench.harness.params import decoder_params, param_report
+from prunebench.harness.pruned_model import LowRankLinear, PrunedForCausalLM
+from prunebench.harness.runner import prune
+from prunebench.harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, mlp_plan_of
+from prunebench.harness.testing import tiny_model
 
 CPU = torch.device("cpu")
 
@@ -146,8 +146,8 @@ def test_prunes_tiny_models_and_counts_every_factor(host: PluginHost, kind: str,
 
 @pytest.mark.real
 def test_whitened_beats_plain_on_smollm2_activations() -> None:
-    from harness.data import calibration_batch, load_corpus
-    from harness.models import load_source_model
+    from prunebench.harness.data import calibration_batch, load_corpus
+    from prunebench.harness.models import load_source_model
 
     source = load_source_model("smollm2-135m")
     model = to_pruned(source.model)

@@ -1,4 +1,4 @@
-"""Tests of harness.timing: the procedure, not the speed.
+"""Tests of prunebench.harness.timing: the procedure, not the speed.
 
 Nothing here asserts that one thing is faster than another: this CPU is shared, so only
 self-consistency (a model timed against itself) and bookkeeping (the cache really grows,
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from harness.errors import UsageError
-from harness.timing import (
+from prunebench.harness.errors import UsageError
+from prunebench.harness.timing import (
     Timing,
     cache_length,
     compare_layers,
@@ -275,7 +275,7 @@ def test_time_decoder_layer_on_stock_llama_layer(llama: LlamaForCausalLM) -> Non
 
 def test_compare_layers_on_the_pruned_format(llama: LlamaForCausalLM) -> None:
     """Dense (converted to the harness format) against itself, layer by layer."""
-    adapters = pytest.importorskip("harness.adapters")
+    adapters = pytest.importorskip("prunebench.harness.adapters")
     dense = adapters.to_pruned(llama).eval()
     result = compare_layers(dense, dense, batch=1, seqlen=16, kv_len=16, warmup=0, repeats=1, decode_tokens=4)
     assert result["layers"] == [0, 1] and len(result["per_layer"]) == 2
@@ -371,10 +371,10 @@ def test_cache_length_reads_any_layer() -> None:
 
 def test_compare_layers_feeds_each_side_its_own_residual_width(llama: LlamaForCausalLM) -> None:
     """SliceGPT narrows the residual stream: its layers take the sliced width, not the dense one."""
-    from harness.adapters import to_pruned
-    from harness.context import RunContext
-    from harness.manager import PluginHost
-    from harness.runner import prune
+    from prunebench.harness.adapters import to_pruned
+    from prunebench.harness.context import RunContext
+    from prunebench.harness.manager import PluginHost
+    from prunebench.harness.runner import prune
 
     dense = to_pruned(llama).eval()
     host = PluginHost()
@@ -390,8 +390,8 @@ def test_compare_layers_feeds_each_side_its_own_residual_width(llama: LlamaForCa
 def test_measure_against_dense_reuses_a_dense_timing(llama: LlamaForCausalLM) -> None:
     """The protocol's timing block; a speed sweep passes the dense timing once for many
     pruned models, and it is then taken as given, not re-measured."""
-    from harness.adapters import to_pruned
-    from harness.timing import measure_against_dense
+    from prunebench.harness.adapters import to_pruned
+    from prunebench.harness.timing import measure_against_dense
 
     settings = {"batch": 1, "seqlen": 8, "decode_tokens": 2, "kv_len": 8, "warmup": 0, "repeats": 1, "layers": 1}
     pruned = to_pruned(llama).eval()

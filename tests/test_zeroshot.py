@@ -1,4 +1,4 @@
-"""Tests of harness.zeroshot: offline task wiring, argument checks, and one real run.
+"""Tests of prunebench.harness.zeroshot: offline task wiring, argument checks, and one real run.
 
 The wiring tests build every task through lm-eval's own TaskManager, so they check what
 lm-eval will really see (fields, prompts, targets), not just that files exist. The real
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from harness.errors import UsageError
-from harness.zeroshot import (
+from prunebench.harness.errors import UsageError
+from prunebench.harness.zeroshot import (
     TASKS,
     TASKS_DIR,
     ZeroShotResult,
@@ -162,13 +162,13 @@ def smollm2() -> tuple[Any, Any]:
     the model loader is in.
     """
     try:
-        from harness.models import load_source_model
+        from prunebench.harness.models import load_source_model
     except ImportError:
         return _load_gguf()
     try:
         source = load_source_model("smollm2-135m")
     except Exception as exc:
-        warnings.warn(f"harness.models.load_source_model failed ({exc!r}); loading the GGUF directly", stacklevel=1)
+        warnings.warn(f"prunebench.harness.models.load_source_model failed ({exc!r}); loading the GGUF directly", stacklevel=1)
         return _load_gguf()
     return source.model, source.tokenizer
 
