@@ -55,7 +55,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from prunebench.harness.budget import channels_to_keep, heads_to_keep
+from prunebench.harness.budget import AttentionCost, channels_to_keep, heads_to_keep
 from prunebench.harness.components import Component
 from prunebench.harness.context import LayerContext, RunContext, embed, run_layer
 from prunebench.harness.contracts import (
@@ -72,6 +72,7 @@ from prunebench.harness.contracts import (
 from prunebench.harness.errors import UsageError
 from prunebench.harness.hookspecs import hookimpl
 from prunebench.harness.pruned_model import PrunedForCausalLM, effective_weight
+from prunebench.harness.scores import wanda_channel_scores, weighted_energy
 from prunebench.harness.stats import Moments
 from prunebench.harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
 
@@ -81,13 +82,12 @@ METRICS = ("wifv", "ifv", "wifn")
 # ----- fluctuation metrics -------------------------------------------------------------
 def channel_metric(metric: str, weight: torch.Tensor, stats: Moments) -> torch.Tensor:
     """The FLAP score of each input channel of a projection, in float64."""
-    w = weight.detach().to(torch.float64)
     if metric == "wifv":
-        return stats.variance * w.pow(2).sum(0)
+        return weighted_energy(weight, stats.variance)
     if metric == "ifv":
         return stats.variance.clone()
     if metric == "wifn":
-        return w.abs().mean(0) * stats.second_moment.clamp_min(0).sqrt()
+        return wanda_channel_scores(weight, stats.second_moment)
     raise UsageError(f"unknown FLAP metric {metric!r}; valid: {', '.join(METRICS)}")
 
 
@@ -175,11 +175,8 @@ class FlapImportance(Component):
 # ----- AL-AM allocation ----------------------------------------------------------------
 def _unit_costs(layer: LayerShape) -> tuple[int, int, float]:
     """(query head: q rows + o columns, its KV head: k + v rows, FFN channel) in parameters."""
-    d = layer.hidden
-    head = (layer.qk_dim + layer.v_dim) * d
-    kv = (layer.qk_dim + layer.v_dim) * d
-    channel = 3 * d
-    return head, kv, channel
+    cost = AttentionCost.of_shape(layer)
+    return cost.query_head, cost.kv_head, 3 * layer.hidden
 
 
 def _group_of(layer: LayerShape) -> list[int]:

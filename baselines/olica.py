@@ -68,15 +68,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from prunebench.harness.budget import channels_to_keep, plan_params
+from prunebench.harness.budget import AttentionCost, channels_to_keep, plan_params, round_to_multiple
 from prunebench.harness.components import Component
 from prunebench.harness.context import LayerContext
 from prunebench.harness.contracts import AttentionPlan, ComponentRef, LinearWeights, MLPPlan, Recipe
 from prunebench.harness.errors import UsageError
 from prunebench.harness.hookspecs import hookimpl
 from prunebench.harness.pruned_model import PrunedMLP
+from prunebench.harness.scores import wanda_channel_scores
 from prunebench.harness.stats import solve_psd
-from prunebench.harness.surgery import attention_plan_of, fuse_vo, keep_channels, mlp_plan_of, round_to_multiple
+from prunebench.harness.surgery import attention_plan_of, fuse_vo, keep_channels, mlp_plan_of
 
 # ----- attention: V/O orthogonal decomposition ------------------------------------------------
 
@@ -145,10 +146,8 @@ def factor_projection(w: LinearWeights, in_scale: torch.Tensor, ratio: float) ->
 
 def _vo_params(plan: AttentionPlan, p: int) -> int:
     """Parameters of v_proj and o_proj with inner dim ``p`` per head."""
-    d, heads = plan.q.in_features, len(plan.head_to_kv)
-    v = plan.num_kv_heads * p * (d + (plan.v.bias is not None))
-    o = heads * p * d + (d if plan.o.bias is not None else 0)
-    return v + o
+    cost = AttentionCost.of_plan(plan)
+    return p * cost.per_vo_channel(len(plan.head_to_kv), plan.num_kv_heads) + cost.fixed
 
 
 def split_budget(plan: AttentionPlan, ratio: float, qk_vo: float, max_qk_ratio: float) -> tuple[int, float]:
@@ -193,11 +192,6 @@ class OlicaAttention(Component):
 
 
 # ----- FFN: channel pruning + linear calibration ------------------------------------------------
-def wanda_scores(down: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
-    """mean_i |W_down[i, j]| * sqrt(E x_j^2) per intermediate channel (float64)."""
-    return down.abs().to(torch.float64).mean(0) * second_moment.to(torch.float64).clamp_min(0).sqrt()
-
-
 def plan_mlp_output(plan: MLPPlan, x: torch.Tensor, act: Any) -> torch.Tensor:
     """The MLP a plan describes applied to samples x [N, d] (float32; no branch)."""
     def lin(w: LinearWeights, h: torch.Tensor) -> torch.Tensor:
@@ -257,7 +251,7 @@ class OlicaFFN(Component):
         if plan.down.weight is None:
             raise UsageError("olica needs a dense down_proj")
         stats = layer.collect(["down_in"])["down_in"]
-        order = torch.argsort(wanda_scores(plan.down.weight, stats.second_moment), descending=True, stable=True)
+        order = torch.argsort(wanda_channel_scores(plan.down.weight, stats.second_moment), descending=True, stable=True)
         multiple = int(params["multiple"])
         plain_keep = channels_to_keep(plan, ratio, multiple)
         plain = keep_channels(plan, order[:plain_keep])

@@ -55,7 +55,16 @@ import torch
 from prunebench.harness.budget import channels_to_keep, heads_to_keep
 from prunebench.harness.components import Component
 from prunebench.harness.context import LayerContext
-from prunebench.harness.contracts import Allocation, AttentionPlan, ComponentRef, Importance, LinearWeights, MLPPlan, ModelShape, Recipe
+from prunebench.harness.contracts import (
+    Allocation,
+    AttentionPlan,
+    ComponentRef,
+    Importance,
+    LinearWeights,
+    MLPPlan,
+    ModelShape,
+    Recipe,
+)
 from prunebench.harness.errors import UsageError
 from prunebench.harness.hookspecs import hookimpl
 from prunebench.harness.stats import Moments, solve_psd

@@ -17,12 +17,8 @@ from prunebench.harness.components import Component
 from prunebench.harness.context import LayerContext
 from prunebench.harness.contracts import AttentionPlan, ComponentRef, MLPPlan, Recipe
 from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.scores import wanda_channel_scores
 from prunebench.harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
-
-
-def wanda_channel_scores(weight: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
-    """mean_i |W_ij| * sqrt(E x_j^2), per input channel j, in float64."""
-    return weight.abs().to(torch.float64).mean(0) * second_moment.to(torch.float64).clamp_min(0).sqrt()
 
 
 class WandaSpAttention(Component):

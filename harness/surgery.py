@@ -267,10 +267,3 @@ def keep_channels(plan: MLPPlan, channels: Sequence[int] | torch.Tensor) -> MLPP
         down=_cols(plan.down, idx, "down"),
     )
 
-
-def round_to_multiple(value: float, multiple: int, maximum: int) -> int:
-    """Nearest multiple of ``multiple`` in [0, maximum] (hardware-friendly FFN widths);
-    falls back to plain rounding when the maximum is not itself a multiple."""
-    if multiple > 1 and maximum % multiple == 0:
-        return int(min(maximum, max(0, round(value / multiple) * multiple)))
-    return int(min(maximum, max(0, round(value))))

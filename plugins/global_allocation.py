@@ -44,13 +44,13 @@ pruned layers are counted from the real tensors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from prunebench.harness.budget import round_to_multiple
 from prunebench.harness.components import Component
 from prunebench.harness.contracts import Allocation, Importance, LayerShape, ModelShape
 from prunebench.harness.errors import UsageError
@@ -153,9 +153,7 @@ def round_ffn_ratio(ratio: float, layer: LayerShape, cap: float, multiple: int) 
     inter = layer.intermediate
     if inter == 0 or multiple <= 1 or inter % multiple:
         return ratio
-    kept = round(inter * (1.0 - ratio) / multiple) * multiple
-    floor = math.ceil(inter * (1.0 - cap) / multiple - 1e-9) * multiple
-    kept = min(inter, max(kept, floor))
+    kept = round_to_multiple(inter * (1.0 - ratio), multiple, inter, minimum=inter * (1.0 - cap))
     return 1.0 - kept / inter
 
 

@@ -62,17 +62,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from prunebench.harness.budget import heads_to_keep, plan_params
+from prunebench.harness.budget import AttentionCost, heads_to_keep, kv_count, plan_params
 from prunebench.harness.components import Component
 from prunebench.harness.context import LayerContext, position_ids
 from prunebench.harness.contracts import AttentionPlan
 from prunebench.harness.hookspecs import hookimpl
 from prunebench.harness.pruned_model import PrunedAttention, effective_weight
+from prunebench.harness.scores import weighted_energy
 from prunebench.harness.stats import Moments, eigh_descending, solve_psd
 from prunebench.harness.surgery import attention_plan_of, build_attention, fuse_vo, keep_heads, keep_qk_pairs
 
@@ -84,8 +84,7 @@ LSQ_PRIORS = ("transpose", "zero")
 # ----- scores (Eqs. 2-3) --------------------------------------------------------------------
 def channel_importance(o_weight: torch.Tensor, o_in: Moments) -> torch.Tensor:
     """Eq. 2: I_i = E[x_i^2] * ||W_o[:, i]||^2 per o_proj input channel (float64)."""
-    w = o_weight.detach().to(torch.float64)
-    return o_in.second_moment.to(torch.float64) * w.pow(2).sum(0)
+    return weighted_energy(o_weight, o_in.second_moment)
 
 
 def head_importance(channel: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -122,57 +121,7 @@ def reconstruction_score(r_h: torch.Tensor, spectra: torch.Tensor, heads: Sequen
 
 
 # ----- the budget rule ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttentionCosts:
-    """Per-unit parameter costs of one layer's attention (what the budget rule needs)."""
-
-    hidden: int
-    qk_dim: int
-    v_dim: int
-    pairs: int
-    bias_q: int
-    bias_k: int
-    bias_v: int
-    bias_o: int
-
-    @classmethod
-    def of(cls, plan: AttentionPlan) -> AttentionCosts:
-        has = lambda w: int(w.bias is not None)
-        return cls(
-            hidden=plan.q.in_features, qk_dim=plan.qk_dim, v_dim=plan.v_dim,
-            pairs=int(plan.rope_index.shape[1]) if plan.rope_index.ndim == 2 else 0,
-            bias_q=has(plan.q), bias_k=has(plan.k), bias_v=has(plan.v), bias_o=has(plan.o),
-        )
-
-    @property
-    def pass_dim(self) -> int:
-        return self.qk_dim - 2 * self.pairs
-
-    def per_qk_channel(self, heads: int, kv_heads: int) -> int:
-        return heads * (self.hidden + self.bias_q) + kv_heads * (self.hidden + self.bias_k)
-
-    def per_vo_channel(self, heads: int, kv_heads: int) -> int:
-        return kv_heads * (self.hidden + self.bias_v) + heads * self.hidden
-
-    @property
-    def fixed(self) -> int:
-        return self.hidden * self.bias_o
-
-    def cost(self, heads: int, kv_heads: int, c: int, p: int) -> int:
-        """Parameters of an attention with these counts and per-head dims."""
-        return c * self.per_qk_channel(heads, kv_heads) + p * self.per_vo_channel(heads, kv_heads) + self.fixed
-
-    def achievable_qk(self) -> list[int]:
-        """Every q/k dim reachable with whole pairs and single pass-through channels."""
-        return sorted({2 * m + s for m in range(self.pairs + 1) for s in range(self.pass_dim + 1)})
-
-    def qk_floor(self, fraction: float) -> int:
-        """The smallest achievable q/k dim >= fraction * qk_dim."""
-        need = math.ceil(fraction * self.qk_dim - 1e-9)
-        return min(c for c in self.achievable_qk() if c >= min(need, self.qk_dim))
-
-
-def split_dims(costs: AttentionCosts, budget: float, heads: int, kv_heads: int, split: str, floor: float) -> tuple[int, int]:
+def split_dims(costs: AttentionCost, budget: float, heads: int, kv_heads: int, split: str, floor: float) -> tuple[int, int]:
     """(c, p): kept q/k and v/o dims per head for ``heads`` query and ``kv_heads`` KV heads
     under ``budget`` parameters, by the split rule (module docstring). p may be <= 0 when
     the budget cannot hold these heads at the q/k floor."""
@@ -195,10 +144,6 @@ def split_dims(costs: AttentionCosts, budget: float, heads: int, kv_heads: int, 
         spare = (room - p * a_vo) / a_qk + 1e-9
         c = max([x for x in achievable if x <= spare] or [c])
     return int(c), int(p)
-
-
-def kv_count(head_to_kv: Sequence[int], heads: Sequence[int]) -> int:
-    return len({head_to_kv[h] for h in heads})
 
 
 def greedy_heads(
@@ -385,7 +330,7 @@ def plan_head_pca(layer: LayerContext, ratio: float, params: dict[str, Any]) -> 
     _check_params(params)
     attn = layer.layer.self_attn
     dense = attention_plan_of(attn)
-    costs = AttentionCosts.of(dense)
+    costs = AttentionCost.of_plan(dense)
     budget = (1.0 - ratio) * plan_params(dense)
     split, floor = str(params["split"]), float(params["qk_floor"])
     head_to_kv = dense.head_to_kv

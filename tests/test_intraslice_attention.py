@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from prunebench.harness.adapters import to_pruned
-from prunebench.harness.budget import plan_params
+from prunebench.harness.budget import AttentionCost, plan_params
 from prunebench.harness.context import LayerContext, RunContext, embed, position_ids
 from prunebench.harness.contracts import AttentionPlan, LinearWeights
 from prunebench.harness.params import attention_params
 from prunebench.harness.surgery import apply_attention_plan, attention_plan_of, build_attention, keep_heads
 from prunebench.harness.testing import tiny_model
 from prunebench.plugins.intraslice_attention import (
-    AttentionCosts,
     HeadPrune,
     IntraSliceHeadPCA,
     split_dims,
@@ -142,7 +141,7 @@ def test_parameter_count_meets_budget(kind: str, ratio: float) -> None:
     apply_attention_plan(ctx.model, ctx.index, plan)
     real = attention_params(ctx.layer)
     assert real == plan_params(plan) <= budget
-    costs = AttentionCosts.of(dense)
+    costs = AttentionCost.of_plan(dense)
     heads, kv = len(plan.head_to_kv), plan.num_kv_heads
     slack = max(costs.per_vo_channel(heads, kv), 2 * costs.per_qk_channel(heads, kv))
     assert real > budget - slack
@@ -152,7 +151,7 @@ def test_parameter_count_meets_budget(kind: str, ratio: float) -> None:
 
 def test_split_rules() -> None:
     plan = attention_plan_of(_layer("llama-mha").layer.self_attn)
-    costs = AttentionCosts.of(plan)
+    costs = AttentionCost.of_plan(plan)
     full = plan_params(plan)
     assert split_dims(costs, full, 4, 4, "equal", 0.75) == (16, 16)
     c, p = split_dims(costs, 0.9 * full, 4, 4, "equal", 0.75)

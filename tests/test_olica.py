@@ -23,7 +23,14 @@ from prunebench.harness.manager import PluginHost
 from prunebench.harness.params import decoder_params, param_report
 from prunebench.harness.pruned_model import LowRankLinear
 from prunebench.harness.runner import prune
-from prunebench.harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, fuse_vo, keep_channels, mlp_plan_of
+from prunebench.harness.surgery import (
+    apply_attention_plan,
+    apply_mlp_plan,
+    attention_plan_of,
+    fuse_vo,
+    keep_channels,
+    mlp_plan_of,
+)
 from prunebench.harness.testing import tiny_model
 
 CPU = torch.device("cpu")

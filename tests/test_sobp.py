@@ -28,7 +28,14 @@ from prunebench.harness.hookspecs import hookimpl
 from prunebench.harness.manager import PluginHost
 from prunebench.harness.params import decoder_params, param_report
 from prunebench.harness.runner import prune
-from prunebench.harness.surgery import apply_attention_plan, apply_mlp_plan, attention_plan_of, keep_channels, keep_heads, mlp_plan_of
+from prunebench.harness.surgery import (
+    apply_attention_plan,
+    apply_mlp_plan,
+    attention_plan_of,
+    keep_channels,
+    keep_heads,
+    mlp_plan_of,
+)
 from prunebench.harness.testing import tiny_model
 
 CPU = torch.device("cpu")
