@@ -193,7 +193,7 @@ class OlicaAttention(Component):
 
 # ----- FFN: channel pruning + linear calibration ------------------------------------------------
 def plan_mlp_output(plan: MLPPlan, x: torch.Tensor, act: Any) -> torch.Tensor:
-    """The MLP a plan describes applied to samples x [N, d] (float32; no branch)."""
+    """The MLP a plan describes applied to samples x [N, d] (in x's dtype; no branch)."""
     def lin(w: LinearWeights, h: torch.Tensor) -> torch.Tensor:
         if w.weight is not None:
             return F.linear(h, w.weight.to(h.dtype), None if w.bias is None else w.bias.to(h.dtype))
@@ -266,7 +266,7 @@ class OlicaFFN(Component):
         pruned = keep_channels(plan, order[:keep])
         x = layer.capture("mlp_in", int(params["max_tokens"]))
         with torch.no_grad():
-            y = mlp(x.to(mlp.down_proj.weight.dtype)).float() - plan_mlp_output(pruned, x, mlp.act_fn)
+            y = mlp(x.to(mlp.down_proj.weight.dtype)).to(x.dtype) - plan_mlp_output(pruned, x, mlp.act_fn)
         gain = self._heldout_gain(x, y, rank, params)
         plain.summary["gain"] = gain
         if gain < float(params["min_gain"]):

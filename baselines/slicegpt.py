@@ -67,7 +67,7 @@ from prunebench.harness.pruned_model import (
     PrunedForCausalLM,
     PrunedRMSNorm,
 )
-from prunebench.harness.stats import damped, eigh_descending
+from prunebench.harness.stats import compute_dtype, damped, eigh_descending
 
 
 # ----- norm fusion --------------------------------------------------------------------
@@ -265,8 +265,8 @@ def _mlp_residual(layer: PrunedDecoderLayer) -> Callable[[torch.Tensor], torch.T
 
 def _reconstruct(basis: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """x' (width d') -> x' Q'^T (width d): the sliced signal in the original basis."""
-    back = basis.T.to(torch.float32)
-    return lambda x: (x.to(torch.float32) @ back).to(dtype)
+    back = basis.T.to(torch.promote_types(dtype, torch.float32))
+    return lambda x: (x.to(back.dtype) @ back).to(dtype)
 
 
 def _compose(first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -274,8 +274,8 @@ def _compose(first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torc
 
 
 def _project(signal: torch.Tensor, basis: torch.Tensor, batch_size: int) -> torch.Tensor:
-    q = basis.to(torch.float32)
-    return _map_batches(lambda x: (x.to(torch.float32) @ q).to(signal.dtype), signal, batch_size, basis.shape[1])
+    q = basis.to(compute_dtype(signal))
+    return _map_batches(lambda x: (x.to(q.dtype) @ q).to(signal.dtype), signal, batch_size, basis.shape[1])
 
 
 @torch.no_grad()
@@ -333,6 +333,7 @@ class SliceGPTTransform(Component):
 
     kind, name = "transform", "slicegpt"
     defaults: ClassVar[dict[str, Any]] = {"slicing": None, "multiple": 8, "damping": 0.01}
+    budget_params = ("slicing",)
 
     @hookimpl
     def transform_model(self, run: RunContext, params: dict[str, Any]) -> dict[str, Any]:

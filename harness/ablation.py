@@ -10,6 +10,7 @@ grid, and the table is rebuilt from the result files.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +42,9 @@ def ablation_rows(host: PluginHost, method: str, uniform: bool = True) -> list[A
             f"method {method!r} declares no ablation rows; methods that do: {', '.join(declared) or 'none'}"
         )
     rows = [AblationRow(label, name) for label, name in recipe.ablation_rows]
-    if uniform and host.resolve(method).components["allocation"].name != UNIFORM_ALLOCATION:
-        rows.append(AblationRow(f"{rows[-1].label} (uniform ratios)", method, (f"allocation={UNIFORM_ALLOCATION}",)))
+    last = rows[-1].method  # the full method of the table: the uniform row swaps its allocation only
+    if uniform and host.resolve(last).components["allocation"].name != UNIFORM_ALLOCATION:
+        rows.append(AblationRow(f"{rows[-1].label} (uniform ratios)", last, (f"allocation={UNIFORM_ALLOCATION}",)))
     return rows
 
 
@@ -56,15 +58,27 @@ def _cell_key(method: str, overrides: list[str] | tuple[str, ...], sparsity: flo
     return method, tuple(overrides), round(float(sparsity), 6)
 
 
+def _geometric_mean(values: list[float | None]) -> float | None:
+    """Perplexities over seeds average on the log scale (as the report's cells do)."""
+    vals = [v for v in values if v is not None]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def ablation_table(rows: list[AblationRow], sparsities: list[float], results: list[dict[str, Any]],
                    base_overrides: list[str] | tuple[str, ...] = ()) -> str:
     """Markdown like the paper's ablation table: one row per ablation row, and per sparsity
-    the perplexity on each source (and the zero-shot average where it was measured)."""
+    the perplexity on each source (and the zero-shot average where it was measured),
+    averaged over the calibration seeds a cell was run with."""
     if not results:
         raise UsageError("no ablation results to tabulate")
-    by_cell = {
-        _cell_key(r["spec"]["method"], r["spec"]["overrides"], r["sparsity"]["target"]): r for r in results
-    }
+    by_cell: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:  # the runs of one cell over several seeds, averaged below
+        by_cell.setdefault(_cell_key(r["spec"]["method"], r["spec"]["overrides"], r["sparsity"]["target"]), []).append(r)
     sources = sorted({s for r in results for s in r["metrics"]["pruned"].get("ppl", {})})
     has_zeroshot = any(r["metrics"]["pruned"].get("zeroshot") for r in results)
     header = ["row", "method"]
@@ -80,11 +94,11 @@ def ablation_table(rows: list[AblationRow], sparsities: list[float], results: li
     for row in rows:
         line = [row.label, " ".join([row.method, *(f"--set {o}" for o in row.overrides)])]
         for s in sparsities:
-            r = by_cell.get(_cell_key(row.method, [*base_overrides, *row.overrides], s))
-            metrics = r["metrics"]["pruned"] if r else {}
-            line += [format_cell(metrics.get("ppl", {}).get(src)) for src in sources]
+            runs = by_cell.get(_cell_key(row.method, [*base_overrides, *row.overrides], s), [])
+            line += [format_cell(_geometric_mean([(r["metrics"]["pruned"].get("ppl") or {}).get(src) for r in runs]))
+                     for src in sources]
             if has_zeroshot:
-                line.append(format_cell((metrics.get("zeroshot") or {}).get("average")))
+                line.append(format_cell(_mean([(r["metrics"]["pruned"].get("zeroshot") or {}).get("average") for r in runs])))
         body.append(line)
     return tabulate(body, headers=header, tablefmt="github", disable_numparse=True)
 

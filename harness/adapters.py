@@ -1,23 +1,33 @@
 """Architecture adapters: read a dense transformers model into the harness format.
 
 Each adapter knows how one family stores its projections (Llama's separate q/k/v and
-gate/up, Phi-3's fused ``qkv_proj`` and ``gate_up_proj``). It is chosen by the model's
-class (``isinstance``), never by a name string, and it is the only place that knows the
-source layout: after conversion every plugin edits the same canonical layer.
+gate/up, Phi-3's fused ``qkv_proj`` and ``gate_up_proj``). Adapters are plugins: they
+register through the ``prunebench_adapters`` hook of the entry-point group, the built-in
+families in ``harness.builtin_adapters`` exactly like a third-party one. An adapter is
+chosen by the model's class (the most specific ``model_classes`` match), never by a
+name string, and it is the only place that knows the source layout: after conversion
+every plugin edits the same canonical layer.
+
+An adapter also knows how the family's decoder layers are called on their own
+(`ArchitectureAdapter.layer_inputs`), which timing one layer needs (harness/timing.py);
+the stock transformers call convention, and the helpers for its KV cache and forward
+keywords, are the base-class default below.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from prunebench.harness.errors import UnsupportedModelError
-from prunebench.harness.pruned_model import PrunedConfig, PrunedForCausalLM, linear_spec
+from prunebench.harness.errors import UnsupportedModelError, UsageError
+from prunebench.harness.pruned_model import MakeInputs, PrunedConfig, PrunedForCausalLM, linear_spec
 
 
 @dataclass
@@ -51,7 +61,8 @@ class AttentionShape:
     rotary_dim: int
 
 
-def _proj(linear: nn.Linear, rows: slice | None = None) -> Projection:
+def read_projection(linear: nn.Linear, rows: slice | None = None) -> Projection:
+    """A copy of one linear map of the source (``rows``: a slice of a fused projection)."""
     w = linear.weight.detach()
     b = linear.bias.detach() if linear.bias is not None else None
     if rows is not None:
@@ -64,9 +75,17 @@ class ArchitectureAdapter(ABC):
     """Base adapter: subclasses name their model classes and say how to read a layer."""
 
     model_classes: ClassVar[tuple[type, ...]] = ()
+    name: ClassVar[str] = ""
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_classes)
+
+    def match_distance(self, model: nn.Module) -> int | None:
+        """How far up ``model``'s class hierarchy the nearest of ``model_classes`` is (0: its
+        own class), or None when it matches none."""
+        mro = type(model).__mro__
+        found = [mro.index(cls) for cls in self.model_classes if cls in mro]
+        return min(found) if found else None
 
     def attention_shape(self, config) -> AttentionShape:
         heads = config.num_attention_heads
@@ -83,64 +102,118 @@ class ArchitectureAdapter(ABC):
     def _norms(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.input_layernorm.weight.detach().clone(), layer.post_attention_layernorm.weight.detach().clone()
 
+    def layer_inputs(self, model: nn.Module) -> MakeInputs:
+        """A `MakeInputs` for ``model``'s decoder layers called alone (one layer's timing).
 
-class LlamaFamilyAdapter(ArchitectureAdapter):
-    """Llama, SmolLM, Mistral, Qwen2 (q/k/v biases): separate projections."""
+        The stock transformers convention (Llama, Mistral, Qwen2, Phi-3 alike): the layer
+        takes the rotary ``(cos, sin)`` precomputed by the model (``model.model.rotary_emb``)
+        and its cache by keyword; the causal mask may be None (SDPA then applies causal
+        masking itself for multi-token input). A family whose layers are called otherwise
+        overrides this.
+        """
+        inner = getattr(model, "model", model)
+        rotary = getattr(inner, "rotary_emb", None)
+        layers = getattr(inner, "layers", None)
+        if rotary is None or layers is None or len(layers) == 0:
+            raise UsageError(f"{type(model).__name__} has no model.rotary_emb / model.layers: not a stock decoder-only model")
+        cache_kw = cache_kwarg(layers[0].forward)
 
-    def __init__(self) -> None:
-        from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+        def make(hidden_states: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            cos_sin = rotary(hidden_states, position_ids=position_ids)
+            kwargs = {
+                "attention_mask": None,
+                "position_ids": position_ids,
+                "position_embeddings": cos_sin,
+                cache_kw: cache,
+                "use_cache": cache is not None,
+            }
+            return (hidden_states,), kwargs
 
-        type(self).model_classes = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+        return make
 
-    def read_layer(self, layer: nn.Module, shape: AttentionShape) -> LayerWeights:
-        a, m = layer.self_attn, layer.mlp
-        return LayerWeights(
-            q=_proj(a.q_proj), k=_proj(a.k_proj), v=_proj(a.v_proj), o=_proj(a.o_proj),
-            gate=_proj(m.gate_proj), up=_proj(m.up_proj), down=_proj(m.down_proj),
-            input_norm=self._norms(layer)[0], post_attention_norm=self._norms(layer)[1],
+
+def supported_architectures(host: Any = None) -> list[str]:
+    """The model classes the registered adapters read (``prunebench_adapters`` plugins)."""
+    return sorted({cls.__name__ for a in _adapters(host) for cls in a.model_classes})
+
+
+def _adapters(host: Any) -> list[ArchitectureAdapter]:
+    if host is None:
+        from prunebench.harness.manager import default_host
+
+        host = default_host()
+    return host.adapters
+
+
+def adapter_for(model: nn.Module, host: Any = None) -> ArchitectureAdapter:
+    """The registered adapter for ``model``'s class: the most specific one (the adapter of
+    a subclass wins over its base's), or a clear error naming what is supported.
+
+    ``host`` is the plugin host whose adapters are searched (default: the installed ones).
+    """
+    best: tuple[int, ArchitectureAdapter] | None = None
+    for adapter in _adapters(host):
+        distance = adapter.match_distance(model)
+        if distance is not None and (best is None or distance < best[0]):
+            best = (distance, adapter)
+    if best is None:
+        raise UnsupportedModelError(
+            f"unsupported architecture {type(model).__name__}; supported: {', '.join(supported_architectures(host))} "
+            "(an adapter plugin adds one: docs/PLUGINS.md)"
         )
+    return best[1]
 
 
-class Phi3Adapter(ArchitectureAdapter):
-    """Phi-3: fused ``qkv_proj`` (q rows, then k, then v) and ``gate_up_proj`` (gate, then up)."""
-
-    def __init__(self) -> None:
-        from transformers import Phi3ForCausalLM
-
-        type(self).model_classes = (Phi3ForCausalLM,)
-
-    def read_layer(self, layer: nn.Module, shape: AttentionShape) -> LayerWeights:
-        a, m = layer.self_attn, layer.mlp
-        q_rows = shape.num_heads * shape.head_dim
-        kv_rows = shape.num_kv_heads * shape.head_dim
-        inter = m.down_proj.in_features
-        return LayerWeights(
-            q=_proj(a.qkv_proj, slice(0, q_rows)),
-            k=_proj(a.qkv_proj, slice(q_rows, q_rows + kv_rows)),
-            v=_proj(a.qkv_proj, slice(q_rows + kv_rows, q_rows + 2 * kv_rows)),
-            o=_proj(a.o_proj),
-            gate=_proj(m.gate_up_proj, slice(0, inter)),
-            up=_proj(m.gate_up_proj, slice(inter, 2 * inter)),
-            down=_proj(m.down_proj),
-            input_norm=self._norms(layer)[0], post_attention_norm=self._norms(layer)[1],
-        )
+# --------------------------------------------------------------------------- call convention
 
 
-ADAPTERS: tuple[ArchitectureAdapter, ...] = (LlamaFamilyAdapter(), Phi3Adapter())
+def new_cache() -> Any:
+    """An empty transformers KV cache, as a model's forward builds one for ``use_cache``."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
-def supported_architectures() -> list[str]:
-    return sorted(cls.__name__ for a in ADAPTERS for cls in a.model_classes)
+def cache_length(cache: Any, layer_idx: int | None = None) -> int:
+    """Tokens held by a transformers cache: at ``layer_idx``, or the most over all layers.
+
+    The maximum over layers is used by default because in a pruned model the first layer
+    may have no attention heads left and so hold nothing.
+    """
+    if cache is None:
+        return 0
+    if layer_idx is not None:
+        return int(cache.get_seq_length(layer_idx))
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return int(cache.get_seq_length())
+    return max((int(cache.get_seq_length(i)) for i in range(len(layers))), default=0)
 
 
-def adapter_for(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter whose model classes include ``model``'s class, or a clear error."""
-    for adapter in ADAPTERS:
-        if adapter.matches(model):
-            return adapter
-    raise UnsupportedModelError(
-        f"unsupported architecture {type(model).__name__}; supported: {', '.join(supported_architectures())}"
-    )
+def cache_kwarg(fn: Callable[..., Any]) -> str:
+    """The keyword a forward takes its KV cache by.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated);
+    models written against either name must both work.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    if "cache" in params:
+        return "cache"
+    return "past_key_values"
+
+
+def accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes a parameter called ``name`` (False when it has no signature)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- conversion
 
 
 def _static_rope(model: PreTrainedModel) -> tuple[torch.Tensor, float]:
@@ -179,7 +252,8 @@ def _layer_spec(w: LayerWeights, shape: AttentionShape) -> dict:
     }
 
 
-def pruned_config_for(model: PreTrainedModel, layer_weights: list[LayerWeights] | None = None) -> PrunedConfig:
+def pruned_config_for(model: PreTrainedModel, layer_weights: list[LayerWeights] | None = None,
+                      host: Any = None) -> PrunedConfig:
     """The harness-format config of a dense source model.
 
     Reads only shapes and bias flags, so it works on a source built on the meta device
@@ -187,7 +261,7 @@ def pruned_config_for(model: PreTrainedModel, layer_weights: list[LayerWeights] 
     ``layer_weights``: the layers already read, so a caller that needs them anyway does not
     read (copy) every layer twice.
     """
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, host)
     config = model.config
     shape = adapter.attention_shape(config)
     _, rope_scaling = _static_rope(model)
@@ -242,15 +316,15 @@ def fill_outer(target: PrunedForCausalLM, source: PreTrainedModel) -> None:
     target.model.inv_freq.copy_(_static_rope(source)[0])
 
 
-def to_pruned(model: PreTrainedModel) -> PrunedForCausalLM:
+def to_pruned(model: PreTrainedModel, host: Any = None) -> PrunedForCausalLM:
     """Convert a dense source model into the harness format (a copy; the source is untouched).
 
     At sparsity 0 the result computes the same logits as the source (tested per family).
     """
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, host)
     shape = adapter.attention_shape(model.config)
     weights = [adapter.read_layer(layer, shape) for layer in model.model.layers]
-    pruned_config = pruned_config_for(model, weights)
+    pruned_config = pruned_config_for(model, weights, host)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     pruned = PrunedForCausalLM(pruned_config).to(dtype=dtype)

@@ -57,6 +57,7 @@ class KeepAttention(Component):
     """Leave attention unpruned."""
 
     kind, name = "attention", "keep"
+    noop = True
 
     @hookimpl
     def compress_attention(self, layer: LayerContext, ratio: float, params: dict[str, Any]) -> None:
@@ -67,6 +68,7 @@ class KeepFFN(Component):
     """Leave the FFN unpruned."""
 
     kind, name = "ffn", "keep"
+    noop = True
 
     @hookimpl
     def compress_mlp(self, layer: LayerContext, ratio: float, params: dict[str, Any]) -> None:

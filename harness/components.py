@@ -18,6 +18,13 @@ class Component:
     kind: ClassVar[str]
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
+    budget_params: ClassVar[tuple[str, ...]] = ()
+    """Parameters that, when set (not None), fix how much the component removes by
+    themselves (SliceGPT's ``slicing``): a run then takes no target sparsity, and its
+    result records what set the budget (one sparsity record, never two disagreeing)."""
+    noop: ClassVar[bool] = False
+    """True for a component that never changes the model (``keep``): the layer loop is
+    skipped when both the attention and the FFN component are no-ops."""
     streams_layers: ClassVar[bool | None] = None
     """Whether the component works when only one decoder layer at a time is in memory
     (offloaded pruning, ``prunebench.harness.offload``). ``None`` means the kind's default: the

@@ -255,16 +255,36 @@ class LayerContext:
         """
         self._cache, self._version = {}, -1
 
-    def capture(self, site: str, max_tokens: int | None = None, layer: nn.Module | None = None) -> torch.Tensor:
+    def capture(
+        self, site: str, max_tokens: int | None = None, layer: nn.Module | None = None, positions: str = "first"
+    ) -> torch.Tensor:
         """Raw activations of one site, [tokens, dim] in float32, for methods that fit on
-        samples (iterative PCA, linear calibration). Takes the first ``max_tokens`` tokens
-        of every sequence in proportion, so memory stays bounded."""
+        samples (iterative PCA, linear calibration). Takes ``max_tokens // N`` positions of
+        each of the N sequences, so memory stays bounded, rows ordered by sequence:
+        ``positions="first"`` the first ones (BOS and attention-sink tokens included);
+        ``"random"`` distinct positions drawn per sequence (ascending within it) from a
+        generator seeded by the run's seed and the layer index, so a run is repeatable
+        and every layer sees other positions."""
         _normalise([site])
+        if positions not in ("first", "random"):
+            raise ValueError(f"capture positions must be 'first' or 'random', got {positions!r}")
         chunks: list[torch.Tensor] = []
-        per_seq = None if max_tokens is None else max(1, max_tokens // self.inputs.shape[0])
+        n_seq, length = self.inputs.shape[0], self.inputs.shape[1]
+        per_seq = None if max_tokens is None else max(1, max_tokens // n_seq)
+        table = None
+        if per_seq is not None and positions == "random" and per_seq < length:
+            gen = torch.Generator().manual_seed((int(self.run.seed) * 1_000_003 + int(self.index)) % (2**63))
+            table = torch.stack([torch.randperm(length, generator=gen)[:per_seq].sort().values for _ in range(n_seq)])
+        seen = 0
 
         def sink(_: str, x: torch.Tensor) -> None:
-            x = x if per_seq is None else x[:, :per_seq]
+            nonlocal seen
+            if table is not None:
+                rows = table[seen : seen + x.shape[0]].to(x.device)
+                x = x[torch.arange(x.shape[0], device=x.device)[:, None], rows]
+            elif per_seq is not None:
+                x = x[:, :per_seq]
+            seen += x.shape[0]
             chunks.append(x.reshape(-1, x.shape[-1]).to(torch.float32))
 
         self._run_with_hooks(layer if layer is not None else self.layer, [site], sink)

@@ -1,4 +1,4 @@
-"""Data contracts between the core and the method plugins (DESIGN.md, "data contracts").
+"""Data contracts between the core and the method plugins (docs/ARCHITECTURE.md, "contracts").
 
 Everything a hook receives or returns is one of these types, so a plugin depends on this
 module and ``hookspecs`` only. Plans carry real tensors: the core installs them by
@@ -164,6 +164,7 @@ class Recipe:
     description: str = ""
     role: str = "method"  # "method" (compared head to head) or "ablation" (a row of an ablation table)
     ablation_rows: tuple[tuple[str, str], ...] = ()
+    aliases: tuple[str, ...] = ()  # former names, accepted with a deprecation message for one release
 
     def to_dict(self) -> dict[str, Any]:
         return {

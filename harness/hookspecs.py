@@ -1,10 +1,13 @@
-"""The hook specs: the only interface between the core and a pruning method.
+"""The hook specs: the only interface between the core and its plugins.
 
 A plugin module (built-in or third-party, found through the ``prunebench`` entry-point
-group) implements ``prunebench_components`` and, optionally, ``prunebench_recipes``.
-Each component it returns is itself a pluggy plugin that implements exactly the one hook
-of its kind below; the core calls that hook on the component a recipe names, and only on
-it (``PluginHost.call``). Every kind hook is ``firstresult``: one component answers.
+group) implements any of the registration hooks: ``prunebench_components`` and
+``prunebench_recipes`` (pruning methods), ``prunebench_metrics`` (what a run measures,
+``harness.metrics``) and ``prunebench_adapters`` (model architectures,
+``harness.adapters``). Each component a plugin returns is itself a pluggy plugin that
+implements exactly the one hook of its kind below; the core calls that hook on the
+component a recipe names, and only on it (``PluginHost.call``). Every kind hook is
+``firstresult``: one component answers.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from prunebench.harness.adapters import ArchitectureAdapter
     from prunebench.harness.components import Component
     from prunebench.harness.context import LayerContext, RunContext
     from prunebench.harness.contracts import Allocation, AttentionPlan, Importance, MLPPlan, ModelShape, Recipe
+    from prunebench.harness.metrics import Metric
 
 PROJECT = "prunebench"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -31,6 +36,18 @@ def prunebench_components() -> list[Component]:
 @hookspec
 def prunebench_recipes() -> list[Recipe]:
     """Return the methods (recipes) this plugin module defines, as data."""
+
+
+@hookspec
+def prunebench_metrics() -> list[Metric]:
+    """Return the metrics this plugin module provides (``harness.metrics.Metric``)."""
+
+
+@hookspec
+def prunebench_adapters() -> list[ArchitectureAdapter]:
+    """Return the architecture adapters this plugin module provides
+    (``harness.adapters.ArchitectureAdapter``): how to read a model family into the
+    harness format and how to call its decoder layers."""
 
 
 @hookspec(firstresult=True)

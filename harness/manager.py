@@ -1,5 +1,5 @@
-"""The plugin host: registers plugin modules, their components and recipes; resolves and
-calls components by name.
+"""The plugin host: registers plugin modules with their components, recipes, metrics and
+architecture adapters; resolves and calls components by name.
 
 Order (as tox and pluggy's own example do): entry points of the ``prunebench`` group
 (built-ins are listed there too, so the core cannot tell them from third-party methods),
@@ -9,9 +9,11 @@ then any plugin objects passed in by the caller (tests, notebooks), then validat
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -19,6 +21,10 @@ from prunebench.harness import hookspecs
 from prunebench.harness.components import Component
 from prunebench.harness.contracts import COMPONENT_KINDS, ComponentRef, Recipe
 from prunebench.harness.errors import UsageError
+
+if TYPE_CHECKING:
+    from prunebench.harness.adapters import ArchitectureAdapter
+    from prunebench.harness.metrics import Metric
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 
@@ -35,6 +41,9 @@ class PluginHost:
             self.pm.register(plugin)
         self.components: dict[tuple[str, str], Component] = {}
         self.recipes: dict[str, Recipe] = {}
+        self.aliases: dict[str, str] = {}
+        self.metrics: dict[str, Metric] = {}
+        self.adapters: list[ArchitectureAdapter] = []
         self._callers: dict[tuple[str, str], Any] = {}
         self._collect()
         if not self.components:
@@ -52,6 +61,18 @@ class PluginHost:
                 if recipe.name in self.recipes:
                     raise ValueError(f"two plugins define the method {recipe.name!r}")
                 self.recipes[recipe.name] = recipe
+        for recipe in self.recipes.values():
+            for alias in recipe.aliases:
+                if alias in self.recipes or alias in self.aliases:
+                    raise ValueError(f"method alias {alias!r} of {recipe.name!r} is taken")
+                self.aliases[alias] = recipe.name
+        for batch in self.pm.hook.prunebench_metrics():
+            for metric in batch:
+                if metric.name in self.metrics:
+                    raise ValueError(f"two plugins define the metric {metric.name!r}")
+                self.metrics[metric.name] = metric
+        for batch in self.pm.hook.prunebench_adapters():
+            self.adapters.extend(batch)
         for recipe in self.recipes.values():
             self.resolve(recipe.name)  # a recipe naming a missing component fails here, at start-up
             for label, row in recipe.ablation_rows:
@@ -84,10 +105,21 @@ class PluginHost:
             ) from None
 
     def recipe(self, name: str) -> Recipe:
+        if name in self.aliases:
+            new = self.aliases[name]
+            warnings.warn(f"method {name!r} is now called {new!r}; the old name is removed in prunebench 0.3",
+                          FutureWarning, stacklevel=2)
+            name = new
         try:
             return self.recipes[name]
         except KeyError:
             raise UsageError(f"unknown method {name!r}; valid methods: {', '.join(sorted(self.recipes))}") from None
+
+    def metric(self, name: str) -> Metric:
+        try:
+            return self.metrics[name]
+        except KeyError:
+            raise UsageError(f"unknown metric {name!r}; valid metrics: {', '.join(sorted(self.metrics))}") from None
 
     # ----- resolution -----------------------------------------------------------------
     def resolve(self, method: str, overrides: Iterable[str] = ()) -> Recipe:
@@ -96,6 +128,7 @@ class PluginHost:
         ``KIND=NAME`` swaps a component (its parameters restart from that component's
         defaults); ``KIND.PARAM=VALUE`` sets a parameter (VALUE parsed as JSON when it can be).
         """
+        overrides = list(overrides)
         base = self.recipe(method)
         comps = {kind: copy.deepcopy(base.components.get(kind, ComponentRef(DEFAULT_COMPONENTS[kind]))) for kind in COMPONENT_KINDS}
         resolved = {kind: self._with_defaults(kind, ref) for kind, ref in comps.items()}
@@ -117,7 +150,7 @@ class PluginHost:
                         f"unknown parameter {param!r} of {kind} component {resolved[kind].name!r}; "
                         f"valid: {', '.join(sorted(valid)) or '(none)'}"
                     )
-                resolved[kind].params[param] = _parse_value(raw)
+                resolved[kind].params[param] = parse_value(raw)
         name = base.name if not overrides else f"{base.name}[{','.join(overrides)}]"
         description = base.description + (" (with swapped components)" if swapped else "")
         return Recipe(name=name, components=resolved, description=description)
@@ -154,8 +187,16 @@ DEFAULT_COMPONENTS: dict[str, str] = {
 """What a recipe gets for a kind it does not name: the no-op of that kind."""
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
+    """A --set value: JSON when it parses (numbers, true, null, lists), else the string."""
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
         return raw
+
+
+@functools.cache
+def default_host() -> PluginHost:
+    """The process-wide host of the installed plugins (entry points only), built once:
+    what code without a host of its own (model conversion, reports) looks things up in."""
+    return PluginHost()

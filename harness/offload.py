@@ -29,7 +29,6 @@ import ctypes
 import json
 import os
 import shutil
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,14 +43,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from prunebench.harness.adapters import fill_layer, fill_outer, pruned_config_for
-from prunebench.harness.context import LayerResidency, RunContext, embed, run_layer
+from prunebench.harness.context import LayerResidency
 from prunebench.harness.contracts import Recipe
 from prunebench.harness.errors import UsageError
 from prunebench.harness.manager import PluginHost
-from prunebench.harness.params import decoder_params
-from prunebench.harness.perplexity import PerplexityResult, result_from_nll, sequence_nll
 from prunebench.harness.pruned_model import PrunedDecoderLayer, PrunedForCausalLM
-from prunebench.harness.results import peak_rss_mb
+from prunebench.harness.results import write_result
+from prunebench.harness.session import RunInputs
 
 INDEX_FILE = "model.safetensors.index.json"
 OUTER_SHARD = "model-outer.safetensors"
@@ -324,25 +322,26 @@ def check_offload(recipe: Recipe, host: PluginHost) -> None:
         )
 
 
-@torch.no_grad()
-def streamed_perplexity(
-    model: PrunedForCausalLM, residency: LayerResidency, windows: torch.Tensor, batch_size: int
-) -> PerplexityResult:
-    """Perplexity with one layer real at a time: all windows pass layer 0, then layer 1, ...
+def offload_inputs(source_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], calibration: torch.Tensor,
+                   windows: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                   spill_dtype: torch.dtype | None = None, tokenizer: Any = None,
+                   data_fingerprints: dict[str, str] | None = None) -> RunInputs:
+    """``RunInputs`` for pruning the checkpoint at ``source_dir`` into ``out_dir`` layer by layer."""
+    from prunebench.harness.models import _local_fingerprint as local_fingerprint
 
-    The same definition as ``prunebench.harness.perplexity.perplexity`` (summed NLL over windows).
-    """
-    device = model.lm_head.weight.device
-    hidden = embed(model, windows, batch_size, device)
-    for index in range(len(model.model.layers)):
-        with residency.use(model, index) as layer:
-            hidden = run_layer(layer, model, hidden, batch_size)
-    total = 0.0
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        logits = model.lm_head(model.model.norm(hidden[start : start + batch_size]))
-        total += float(sequence_nll(logits, ids))
-    return result_from_nll(total, windows.shape[0] * (windows.shape[1] - 1))
+    store = DiskLayers(source_dir, out_dir, dtype=dtype, spill_dtype=spill_dtype)
+
+    def save(model: PrunedForCausalLM, folder: str) -> Path:
+        if Path(folder).resolve() != store.out_dir.resolve():
+            raise UsageError(f"an offloaded run writes its checkpoint to {store.out_dir}, not {folder}")
+        return store.finish(model)
+
+    fingerprint = local_fingerprint(Path(source_dir))
+    return RunInputs(
+        dense=store.model, tokenizer=tokenizer, calibration=calibration, windows=windows, model_fingerprint=fingerprint,
+        data_fingerprints=data_fingerprints or {}, residency=store, save=save, device=store.device,
+        cache_parts={"model": fingerprint, "dtype": str(dtype), "calibration": tuple(calibration.shape), "seed": seed},
+    )
 
 
 def prune_offloaded(
@@ -353,6 +352,7 @@ def prune_offloaded(
     calibration: torch.Tensor,
     *,
     eval_windows: torch.Tensor | None = None,
+    eval_source: str = "wiki-offline",
     batch_size: int = 4,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -360,55 +360,49 @@ def prune_offloaded(
     host: PluginHost | None = None,
     show_progress: bool = True,
     spill_dtype: torch.dtype | None = None,
+    tokenizer: Any = None,
+    results_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Prune a checkpoint on disk into ``out_dir`` without loading it whole.
+    """Prune a checkpoint on disk into ``out_dir`` without loading it whole, through the one
+    run path (``harness.session.RunSession``, kind ``offload``).
 
-    Returns sizes, the achieved sparsity, stage times, peak RSS after each stage and,
-    with ``eval_windows``, the dense and pruned perplexities (both streamed).
+    Returns the schema-2 result (``harness.results``) with the offload's own numbers under
+    ``pruning.offload`` (layer reads, spilled activations) and the peak RSS per stage under
+    ``memory.by_stage``; with ``eval_windows``, dense and pruned perplexity (streamed).
     """
-    from prunebench.harness.runner import check_sparsity, prune
+    from prunebench.harness.session import RunSession
+    from prunebench.harness.spec import RunSpec
 
-    check_sparsity(sparsity)
     host = host or PluginHost()
     recipe = host.resolve(method, overrides)
     check_offload(recipe, host)
-    times: dict[str, float] = {}
-    memory: dict[str, float] = {}
-    start = time.perf_counter()
-    store = DiskLayers(source_dir, out_dir, dtype=dtype, spill_dtype=spill_dtype)
-    model = store.model
-    dense_decoder = decoder_params(model)
-    times["open"], memory["open"] = time.perf_counter() - start, peak_rss_mb()
-    metrics: dict[str, Any] = {}
-    if eval_windows is not None:
-        start = time.perf_counter()
-        metrics["dense_ppl"] = streamed_perplexity(model, store, eval_windows, batch_size).ppl
-        times["dense_evaluation"], memory["dense_evaluation"] = time.perf_counter() - start, peak_rss_mb()
-    torch.manual_seed(seed)
-    run = RunContext(model=model, calibration=calibration, batch_size=batch_size, device=store.device, seed=seed,
-                     target=sparsity, use_cache=False, residency=store)
-    start = time.perf_counter()
-    outcome = prune(run, recipe, host, show_progress=show_progress)
-    times["prune"], memory["prune"] = time.perf_counter() - start, peak_rss_mb()
-    times.update({f"prune.{k}": v for k, v in outcome.stage_seconds.items()})
-    if eval_windows is not None:
-        start = time.perf_counter()
-        metrics["pruned_ppl"] = streamed_perplexity(model, store, eval_windows, batch_size).ppl
-        times["evaluation"], memory["evaluation"] = time.perf_counter() - start, peak_rss_mb()
-    pruned_decoder = decoder_params(model)
-    path = store.finish(model)
-    return {
-        "method": recipe.name,
-        "recipe": recipe.to_dict(),
-        "sparsity": {"target": sparsity, "achieved": 1.0 - pruned_decoder / dense_decoder},
-        "params": {"dense_decoder": dense_decoder, "pruned_decoder": pruned_decoder},
-        "metrics": metrics,
+    windows = {} if eval_windows is None else {eval_source: eval_windows}
+    spec = RunSpec(
+        model=str(source_dir), method=method, sparsity=sparsity, overrides=list(overrides), profile="ci",
+        profile_overrides={"calibration_samples": int(calibration.shape[0]), "calibration_seqlen": int(calibration.shape[1]),
+                           "eval_sources": [eval_source],
+                           "eval_samples": int(eval_windows.shape[0]) if eval_windows is not None else 1,
+                           "eval_seqlen": int(eval_windows.shape[1]) if eval_windows is not None else 2,
+                           "batch_size": batch_size},
+        seed=seed, dtype=str(dtype).replace("torch.", ""), zeroshot=False, timing=False,
+        metrics=["ppl", "kv-cache"] if windows else ["kv-cache"], save_dir=str(out_dir), use_cache=False,
+    )
+    made: list[RunInputs] = []
+
+    def factory(spec: RunSpec, profile: Any, host: PluginHost) -> RunInputs:
+        made.append(offload_inputs(source_dir, out_dir, calibration, windows, dtype=dtype, seed=seed,
+                                   spill_dtype=spill_dtype, tokenizer=tokenizer))
+        return made[0]
+
+    session = RunSession(spec, host=host, show_progress=show_progress, inputs=factory, kind="offload")
+    result = session.run(results_dir).to_dict()
+    store = made[0].residency
+    result["pruning"]["offload"] = {
         "layer_reads": store.reads,
         "spill": {"dtype": str(spill_dtype).replace("torch.", "") if spill_dtype else None,
                   "bytes": store.spilled_bytes, "max_relative_error": store.spill_max_relative_error},
-        "seconds": times,
-        "peak_rss_mb": memory,
-        "output": str(path),
-        "importance": outcome.importance_meta,
-        "allocation": {"attention": outcome.allocation.attention, "mlp": outcome.allocation.mlp},
     }
+    result["spec"]["saved_to"] = str(Path(out_dir))
+    if results_dir is not None:
+        write_result(Path(result["path"]), result)
+    return result

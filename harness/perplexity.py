@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from prunebench.harness.errors import NumericalError
+from prunebench.harness.progress import progress_bar
 
 # Log-softmax over a 49k vocabulary makes a float32 copy of the logits; doing it a few
 # rows at a time keeps that copy at about this many elements (~64 MB).
@@ -89,25 +90,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _progress_bar(enabled: bool, total: int) -> Any:
-    """A rich progress bar on stderr (stdout stays clean for results), or nothing."""
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    progress.add_task("perplexity (windows)", total=total)
-    return progress
-
-
 def _check_windows(windows: torch.Tensor, batch_size: int) -> None:
     """Refuse inputs that would give a meaningless number rather than an error later."""
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
@@ -136,7 +118,7 @@ def perplexity(
     kwargs = _model_kwargs(model)
     per_window: list[float] = []
     count, seqlen = windows.shape
-    with _eval_mode(model), torch.inference_mode(), _progress_bar(progress, count) as bar:
+    with _eval_mode(model), torch.inference_mode(), progress_bar("perplexity (windows)", count, enabled=progress) as advance:
         for start in range(0, count, batch_size):
             batch = windows[start : start + batch_size].to(target_device)
             logits = model(input_ids=batch, **kwargs).logits
@@ -148,8 +130,7 @@ def perplexity(
                 end = start + batch.shape[0] - 1
                 raise NumericalError(f"non-finite loss ({nll.sum().item()}) in evaluation windows {start}..{end}")
             per_window.extend(nll.tolist())
-            if bar is not None:
-                bar.advance(bar.task_ids[0], batch.shape[0])
+            advance(batch.shape[0])
     return result_from_windows(per_window, seqlen - 1)
 
 

@@ -12,6 +12,9 @@ from typing import Any
 
 from prunebench.harness.errors import UsageError
 
+#: The paper's seven zero-shot tasks in its Table 1 order: the one list of them. Every
+#: profile runs them, and harness/zeroshot.py's ``TASKS`` gives each its metric
+#: (tests/test_zeroshot.py checks that both name the same tasks in the same order).
 SEVEN_TASKS = ("arc_challenge", "arc_easy", "winogrande", "boolq", "hellaswag", "openbookqa", "piqa")
 
 
@@ -58,16 +61,33 @@ def get_profile(name: str) -> Profile:
         raise UsageError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}") from None
 
 
+NULLABLE_FIELDS = ("eval_samples", "task_limit")
+"""Profile fields where None means "all" (every evaluation window, every zero-shot item)."""
+ALL = "all"
+"""What a user writes for None in those fields (``--eval-samples all``, ``--limit all``)."""
+
+
 def with_overrides(profile: Profile, **overrides: Any) -> Profile:
-    """The profile with the non-None overrides applied (checked: positive sizes)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - set(Profile.__dataclass_fields__)
+    """The profile with the given fields replaced, each checked.
+
+    Every given key is honoured, None included: ``eval_samples=None`` (or ``"all"``) asks
+    for every window, ``task_limit=None`` for every item. An override that cannot be
+    honoured is refused, never dropped: an unknown field, None (or ``"all"``) for a field
+    that needs a number, a non-positive size.
+    """
+    unknown = set(overrides) - set(Profile.__dataclass_fields__)
     if unknown:
-        raise UsageError(f"unknown profile field(s) {sorted(unknown)}")
+        raise UsageError(f"unknown profile field(s) {sorted(unknown)}; valid: {', '.join(Profile.__dataclass_fields__)}")
+    given = dict(overrides)
+    for key, value in list(given.items()):
+        if isinstance(value, str) and value.strip().lower() == ALL:
+            value = given[key] = None
+        if value is None and key not in NULLABLE_FIELDS:
+            raise UsageError(f"{key.replace('_', ' ')} cannot be 'all'/None; only {', '.join(NULLABLE_FIELDS)} can")
     for key in ("calibration_samples", "calibration_seqlen", "eval_samples", "eval_seqlen", "batch_size", "task_batch_size", "task_max_length"):
-        if key in given and int(given[key]) < 1:
+        if key in given and given[key] is not None and int(given[key]) < 1:
             raise UsageError(f"{key.replace('_', ' ')} must be at least 1, got {given[key]}")
-    if "task_limit" in given and int(given["task_limit"]) <= 0:
+    if "task_limit" in given and given["task_limit"] is not None and int(given["task_limit"]) <= 0:
         raise UsageError(f"zero-shot limit must be positive, got {given['task_limit']}")
     for key in ("eval_sources", "tasks"):
         if key in given:

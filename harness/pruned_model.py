@@ -25,7 +25,10 @@ from q/k dims, factor pairs).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,7 +39,14 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from prunebench.harness.errors import UsageError
+
 MODEL_TYPE = "prunebench"
+
+#: The output field the KV cache is returned under: ``cache`` in current transformers 5.x,
+#: which warns "`past_key_values` is deprecated" whenever the old name is used (on every
+#: forward, if the output were built with it); ``past_key_values`` in early 5.x releases.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def linear_spec(bias: bool = False, rank: int | None = None) -> dict[str, Any]:
@@ -421,8 +431,7 @@ class PrunedForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        # ``past_key_values=`` is the field name across 5.x (later versions alias it to ``cache``).
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
 
 def register_auto_classes() -> None:
@@ -442,3 +451,43 @@ register_auto_classes()
 def head_dim_scale(head_dim: int) -> float:
     """The stock attention scale, kept after pruning: dropping channels must not rescale logits."""
     return 1.0 / math.sqrt(head_dim)
+
+
+#: Signature of a layer-input builder: ``(hidden_states, position_ids, cache) -> (args, kwargs)``
+#: for ``layer(*args, **kwargs)``. It runs outside the timed region (harness/timing.py), so
+#: work a full model does once for all layers (rotary tables, masks) is not charged to the
+#: one layer. Stock transformers layers get theirs from their adapter (harness/adapters.py).
+MakeInputs = Callable[[torch.Tensor, torch.Tensor, Any], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def pruned_layer_inputs(model: nn.Module) -> MakeInputs:
+    """A `MakeInputs` for the decoder layers of this format, called alone.
+
+    It follows the layer's own signature: layers taking ``position_ids`` get the harness
+    signature ``layer(hidden_states, position_ids, attention_mask=None, <cache>=cache)``
+    (the cache under whichever of ``past_key_values`` / ``cache`` they name); layers
+    taking ``freqs`` (`PrunedDecoderLayer`) get the rotary angles their model computes
+    once per forward (``model.model.rotary_freqs``), untimed like in a real run.
+    """
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None or len(layers) == 0:
+        raise UsageError(f"{type(model).__name__} has no model.layers")
+    params = inspect.signature(layers[0].forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    if "position_ids" in params:
+        mask_kw = "attention_mask" if "attention_mask" in params else "mask"
+
+        def by_positions(h: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (h, pos), {mask_kw: None, cache_kw: cache}
+
+        return by_positions
+    rotary_freqs = getattr(inner, "rotary_freqs", None)
+    if "freqs" in params and rotary_freqs is not None:
+        mask_kw = "mask" if "mask" in params else "attention_mask"
+
+        def by_freqs(h: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (h, rotary_freqs(pos)), {mask_kw: None, cache_kw: cache}
+
+        return by_freqs
+    raise UsageError(f"cannot tell how to call {type(layers[0]).__name__}: its forward takes {list(params)}")

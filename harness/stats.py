@@ -28,6 +28,13 @@ SITES = (
 """Where statistics can be taken, named on the canonical layer (any architecture)."""
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype batch products are formed in: float32 for float32 and 16-bit inputs
+    (fast), float64 for float64 inputs, so a float64 run (the regression protocol, where
+    rounding must not depend on the CPU's kernels) stays float64 end to end."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 @dataclass
 class Moments:
     """Count, sum, sum of squares and (optionally) the Gram matrix X^T X of one site."""
@@ -43,7 +50,7 @@ class Moments:
         return cls(0, z.clone(), z.clone(), torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))
         self.count += x.shape[0]
         self.sum += x.sum(0).to(torch.float64)
         self.sq_sum += x.pow(2).sum(0).to(torch.float64)

@@ -7,6 +7,8 @@ non-trivial scales so that norm-fusion bugs cannot hide behind weights of 1.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -53,3 +55,39 @@ def tiny_model(kind: str = "llama-gqa", seed: int = 0, vocab_size: int = 96, lay
             else:
                 p.copy_(0.08 * torch.randn_like(p))
     return model.eval()
+
+
+def fake_result(spec: Any, ppl: float | dict[str, float], window_nll: dict[str, list[float]] | None = None,
+                host: Any = None, zeroshot: float | None = None, seconds: float = 12.0) -> dict[str, Any]:
+    """A schema-2 result of ``spec`` as a run would write it, without running anything:
+    for tests of grids, stores and reports. ``ppl`` per source (or one value for the
+    profile's first source); ``window_nll`` per source gives the per-window NLLs (summed,
+    each window predicting ``eval_seqlen - 1`` tokens), else they are derived from ``ppl``."""
+    import math
+
+    from prunebench.harness.session import RunSession
+
+    session = RunSession(spec, host=host, show_progress=False)
+    sources = list(session.profile.eval_sources)
+    ppl = {sources[0]: ppl} if isinstance(ppl, int | float) else dict(ppl)
+    seqlen = session.profile.eval_seqlen
+    windows = window_nll or {s: [math.log(v) * (seqlen - 1)] * 4 for s, v in ppl.items()}
+    pruned: dict[str, Any] = {"ppl": ppl, "ppl_windows": windows}
+    dense: dict[str, Any] = {"ppl": dict.fromkeys(ppl, 20.0), "ppl_windows": {s: [math.log(20.0) * (seqlen - 1)] * 4 for s in ppl}}
+    if zeroshot is not None:
+        pruned["zeroshot"] = {"scores": {"arc_easy": zeroshot}, "average": zeroshot,
+                              "tasks": {"arc_easy": {"stderr": 0.05}}}
+        dense["zeroshot"] = {"scores": {"arc_easy": 0.5}, "average": 0.5, "tasks": {"arc_easy": {"stderr": 0.05}}}
+    target = spec.sparsity
+    return {
+        "schema": 2, "kind": "run", "cell": session.cell,
+        "spec": {**spec.to_dict(), "protocol": session.protocol, "protocol_id": session.protocol_id},
+        "recipe": session.recipe.to_dict() | {"name": session.recipe.name},
+        "sparsity": {"target": target, "achieved": (target or 0.0) + 0.001, "set_by": "target", "spent": None,
+                     "allocation_target": target, "paper_count": None},
+        "params": {"dense": {"decoder": 100}, "pruned": {"decoder": 70}},
+        "metrics": {"dense": dense, "pruned": pruned},
+        "timings": {"stages_s": {"prune": seconds}},
+        "memory": {"peak_rss_mb": 1000.0},
+        "pruning": {}, "tuning": None, "environment": {},
+    }

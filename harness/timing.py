@@ -17,33 +17,44 @@ What is measured (as the paper does):
 The intra-op thread count (``torch.get_num_threads()``) is recorded and must match too:
 on a CPU it changes latencies more than many pruning ratios do.
 
-Timings use ``time.perf_counter`` and synchronise the device around each timed call
-(CUDA kernels run asynchronously, so the clock would otherwise stop early). Medians over
-repeats are the headline because a shared machine adds one-sided noise.
+The clock itself (`time_callable`, device synchronisation, `weight_bytes`) is
+harness/clock.py. How a decoder layer is called on its own is known where the layer is
+defined: harness/pruned_model.py for the pruned format (`pruned_layer_inputs`), the
+architecture adapters in harness/adapters.py for stock transformers models
+(`ArchitectureAdapter.layer_inputs`); `layer_inputs_for` asks the right one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
-import statistics
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from prunebench.harness.adapters import accepts, adapter_for, cache_kwarg, cache_length, new_cache, to_pruned
+from prunebench.harness.clock import Timing, as_device, check_count, time_callable, weight_bytes
 from prunebench.harness.errors import UsageError
+from prunebench.harness.pruned_model import MakeInputs, pruned_layer_inputs
 
-T = TypeVar("T")
-
-#: Signature of a layer-input builder: ``(hidden_states, position_ids, cache) -> (args, kwargs)``
-#: for ``layer(*args, **kwargs)``. It runs outside the timed region, so work a full model
-#: does once for all layers (rotary tables, masks) is not charged to the one layer.
-MakeInputs = Callable[[torch.Tensor, torch.Tensor, Any], tuple[tuple[Any, ...], dict[str, Any]]]
+__all__ = [
+    "LATENCY_KEYS",
+    "PROTOCOL_KEYS",
+    "SIZE_KEYS",
+    "MakeInputs",
+    "Timing",
+    "compare_layers",
+    "compare_to_dense",
+    "default_layer_inputs",
+    "layer_inputs_for",
+    "measure_against_dense",
+    "time_callable",
+    "time_decoder_layer",
+    "time_model",
+    "weight_bytes",
+]
 
 #: Latency keys of `time_model` / `time_decoder_layer` results, and the names their
 #: ``pruned / dense`` ratio and ``dense / pruned`` speedup get in `compare_to_dense`.
@@ -57,176 +68,6 @@ LATENCY_KEYS: dict[str, tuple[str, str]] = {
 SIZE_KEYS: tuple[str, ...] = ("weight_bytes", "layer_weight_bytes")
 #: Settings that must match for two timings to be comparable.
 PROTOCOL_KEYS: tuple[str, ...] = ("batch", "seqlen", "decode_tokens", "kv_len", "warmup", "repeats", "device", "threads")
-
-
-@dataclass
-class Timing:
-    """Summary of ``repeats`` timed calls, in seconds.
-
-    ``iqr_s`` (interquartile range) and ``stdev_s`` say how noisy the median is; both
-    are 0 for a single repeat. ``samples_s`` keeps every measurement for later analysis.
-    """
-
-    median_s: float
-    min_s: float
-    max_s: float
-    mean_s: float
-    iqr_s: float
-    stdev_s: float
-    repeats: int
-    warmup: int
-    samples_s: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _as_device(device: str | torch.device | None) -> torch.device:
-    try:
-        return torch.device(device if device is not None else "cpu")
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"not a device: {device!r}") from exc
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued kernels, so the clock measures work done, not work launched."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps" and hasattr(torch, "mps"):
-        torch.mps.synchronize()
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def time_callable(
-    fn: Callable[..., Any],
-    warmup: int,
-    repeats: int,
-    device: str | torch.device | None,
-    setup: Callable[[], Any] | None = None,
-) -> Timing:
-    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls.
-
-    Without ``setup``, ``fn()`` is timed. With it, each call (warm-up included) first runs
-    ``state = setup()`` untimed and then times ``fn(state)``: that is how a decode loop
-    gets an identical, fresh KV cache every repeat without paying for the copy.
-    """
-    warmup = _check_count("warmup", warmup, 0)
-    repeats = _check_count("repeats", repeats, 1)
-    dev = _as_device(device)
-
-    def once() -> float:
-        if setup is not None:
-            state = setup()
-            _synchronize(dev)
-            start = time.perf_counter()
-            fn(state)
-        else:
-            _synchronize(dev)
-            start = time.perf_counter()
-            fn()
-        _synchronize(dev)
-        return time.perf_counter() - start
-
-    for _ in range(warmup):
-        once()
-    samples = [once() for _ in range(repeats)]
-    if repeats > 1:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-        iqr, stdev = q3 - q1, statistics.stdev(samples)
-    else:
-        iqr = stdev = 0.0
-    return Timing(
-        median_s=statistics.median(samples),
-        min_s=min(samples),
-        max_s=max(samples),
-        mean_s=statistics.fmean(samples),
-        iqr_s=iqr,
-        stdev_s=stdev,
-        repeats=repeats,
-        warmup=warmup,
-        samples_s=samples,
-    )
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and persistent buffers, as really allocated.
-
-    Shared tensors (tied embeddings) count once. Non-persistent buffers (rotary tables,
-    masks) are excluded: they are derived, not weights. A tensor on the meta device has
-    no storage, so the count would be fiction: that raises instead.
-    """
-    seen: set[int] = set()
-    total = 0
-
-    def add(name: str, t: torch.Tensor) -> None:
-        nonlocal total
-        if id(t) in seen:
-            return
-        seen.add(id(t))
-        if t.is_meta:
-            raise UsageError(f"{name} is on the meta device: load real weights before counting bytes")
-        total += t.numel() * t.element_size()
-
-    for name, p in model.named_parameters():  # de-duplicates tied parameters
-        add(name, p)
-    for mod_name, module in model.named_modules():
-        skip = getattr(module, "_non_persistent_buffers_set", set())
-        for buf_name, buf in module._buffers.items():
-            if buf is not None and buf_name not in skip:
-                add(f"{mod_name}.{buf_name}" if mod_name else buf_name, buf)
-    return total
-
-
-def cache_length(cache: Any, layer_idx: int | None = None) -> int:
-    """Tokens held by a transformers cache: at ``layer_idx``, or the most over all layers.
-
-    The maximum over layers is used by default because in a pruned model the first layer
-    may have no attention heads left and so hold nothing.
-    """
-    if cache is None:
-        return 0
-    if layer_idx is not None:
-        return int(cache.get_seq_length(layer_idx))
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        return int(cache.get_seq_length())
-    return max((int(cache.get_seq_length(i)) for i in range(len(layers))), default=0)
-
-
-def _new_cache() -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def _cache_kwarg(fn: Callable[..., Any]) -> str:
-    """The keyword a forward takes its KV cache by.
-
-    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated);
-    models written against either name must both work.
-    """
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    if "cache" in params:
-        return "cache"
-    return "past_key_values"
-
-
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @contextlib.contextmanager
@@ -251,7 +92,7 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torc
     own = _model_device(model)
     if device is None:
         return own if own is not None else torch.device("cpu")
-    dev = _as_device(device)
+    dev = as_device(device)
     if own is not None and (own.type != dev.type or (dev.index is not None and own.index != dev.index)):
         raise UsageError(f"the model's weights are on {own}, but timing was asked on {dev}: move the model first")
     return dev
@@ -292,23 +133,23 @@ def time_model(
     ``decode_s_per_token``, ``decode_tokens_per_s`` (over the batch), ``weight_bytes``,
     the full `Timing` of each phase under ``prefill``/``decode``, and ``settings``.
     """
-    batch = _check_count("batch", batch, 1)
-    seqlen = _check_count("seqlen", seqlen, 1)
-    decode_tokens = _check_count("decode_tokens", decode_tokens, 1)
-    kv_len = _check_count("kv_len", kv_len, 1)
+    batch = check_count("batch", batch, 1)
+    seqlen = check_count("seqlen", seqlen, 1)
+    decode_tokens = check_count("decode_tokens", decode_tokens, 1)
+    kv_len = check_count("kv_len", kv_len, 1)
     dev = _resolve_device(model, device)
     config = getattr(model, "config", None)
     vocab = vocab_size if vocab_size is not None else getattr(config, "vocab_size", None)
     if vocab is None:
         raise UsageError("vocab_size is needed: the model has no config.vocab_size")
-    vocab = _check_count("vocab_size", vocab, 1)
+    vocab = check_count("vocab_size", vocab, 1)
     max_pos = getattr(config, "max_position_embeddings", None)
     longest = max(seqlen, kv_len + decode_tokens)
     if isinstance(max_pos, int) and longest > max_pos:
         raise UsageError(f"{longest} positions exceed the model's max_position_embeddings ({max_pos})")
 
-    cache_kw = _cache_kwarg(model.forward)
-    keep = {"logits_to_keep": 1} if last_logits_only and _accepts(model.forward, "logits_to_keep") else {}
+    cache_kw = cache_kwarg(model.forward)
+    keep = {"logits_to_keep": 1} if last_logits_only and accepts(model.forward, "logits_to_keep") else {}
     gen = torch.Generator(device="cpu").manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch, seqlen), generator=gen).to(dev)
     context = torch.randint(0, vocab, (batch, kv_len), generator=gen).to(dev)
@@ -324,9 +165,9 @@ def time_model(
         return fallback
 
     with _eval_mode(model), torch.inference_mode():
-        prefill = time_callable(lambda cache: forward(prompt, cache), warmup, repeats, dev, setup=_new_cache)
+        prefill = time_callable(lambda cache: forward(prompt, cache), warmup, repeats, dev, setup=new_cache)
 
-        built = _new_cache()
+        built = new_cache()
         out = forward(context, built)
         base_cache = returned_cache(out, built)
         first_token = out.logits[:, -1:].argmax(dim=-1)
@@ -383,37 +224,9 @@ def default_layer_inputs(hidden_states: torch.Tensor, position_ids: torch.Tensor
     return (hidden_states, position_ids), {"attention_mask": None, "past_key_values": cache}
 
 
-def hf_layer_inputs(model: nn.Module) -> MakeInputs:
-    """A `MakeInputs` for the decoder layers of a stock transformers model (e.g. Llama).
-
-    Those layers take the rotary ``(cos, sin)`` precomputed by the model
-    (``model.model.rotary_emb``) and their cache by keyword; the causal mask may be None
-    (SDPA then applies causal masking itself for multi-token input).
-    """
-    inner = getattr(model, "model", model)
-    rotary = getattr(inner, "rotary_emb", None)
-    layers = getattr(inner, "layers", None)
-    if rotary is None or layers is None or len(layers) == 0:
-        raise UsageError(f"{type(model).__name__} has no model.rotary_emb / model.layers: not a stock decoder-only model")
-    cache_kw = _cache_kwarg(layers[0].forward)
-
-    def make(hidden_states: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        cos_sin = rotary(hidden_states, position_ids=position_ids)
-        kwargs = {
-            "attention_mask": None,
-            "position_ids": position_ids,
-            "position_embeddings": cos_sin,
-            cache_kw: cache,
-            "use_cache": cache is not None,
-        }
-        return (hidden_states,), kwargs
-
-    return make
-
-
 def _layer_index(layer: nn.Module, layer_idx: int | None) -> int | None:
     if layer_idx is not None:
-        return _check_count("layer_idx", layer_idx, 0)
+        return check_count("layer_idx", layer_idx, 0)
     for owner in (layer, getattr(layer, "self_attn", None), getattr(layer, "attn", None)):
         idx = getattr(owner, "layer_idx", None) if owner is not None else None
         if isinstance(idx, int):
@@ -441,8 +254,9 @@ def time_decoder_layer(
     The layer is called as ``layer(*args, **kwargs)`` with ``(args, kwargs) =
     make_inputs(hidden_states, position_ids, cache)``; the default builds the harness
     signature ``layer(hidden_states, position_ids, attention_mask=None,
-    past_key_values=cache)`` (see `default_layer_inputs`; `hf_layer_inputs` serves stock
-    transformers layers). ``make_inputs`` runs untimed.
+    past_key_values=cache)`` (see `default_layer_inputs`; `layer_inputs_for` gives the
+    builder for a model's own layers, stock transformers or pruned). ``make_inputs`` runs
+    untimed.
 
     Prefill writes a fresh ``DynamicCache`` each repeat. Decode: the layer first fills a
     cache with ``kv_len`` positions (untimed, once); each repeat copies it and times one
@@ -453,10 +267,10 @@ def time_decoder_layer(
     legitimately caches nothing (a pruned layer with no attention heads left). Hidden
     states are seeded random normals in ``dtype`` (default: the layer's parameter dtype).
     """
-    hidden_size = _check_count("hidden_size", hidden_size, 1)
-    batch = _check_count("batch", batch, 1)
-    seqlen = _check_count("seqlen", seqlen, 1)
-    kv_len = _check_count("kv_len", kv_len, 1)
+    hidden_size = check_count("hidden_size", hidden_size, 1)
+    batch = check_count("batch", batch, 1)
+    seqlen = check_count("seqlen", seqlen, 1)
+    kv_len = check_count("kv_len", kv_len, 1)
     dev = _resolve_device(layer, device)
     own_dtype = next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float32)
     dt = dtype if dtype is not None else own_dtype
@@ -476,9 +290,9 @@ def time_decoder_layer(
         return layer(*args, **kwargs)
 
     with _eval_mode(layer), torch.inference_mode():
-        prefill = time_callable(call, warmup, repeats, dev, setup=lambda: build(prompt, positions(0, seqlen), _new_cache()))
+        prefill = time_callable(call, warmup, repeats, dev, setup=lambda: build(prompt, positions(0, seqlen), new_cache()))
 
-        base_cache = _new_cache()
+        base_cache = new_cache()
         call(build(context, positions(0, kv_len), base_cache))
         held = cache_length(base_cache, idx) if idx is not None else cache_length(base_cache)
         if expect_cache and held != kv_len:
@@ -522,44 +336,17 @@ def time_decoder_layer(
     }
 
 
-def pruned_layer_inputs(model: nn.Module) -> MakeInputs:
-    """A `MakeInputs` for the decoder layers of the harness's pruned-model format.
-
-    It follows the layer's own signature: layers taking ``position_ids`` get the harness
-    signature (`default_layer_inputs`, cache under whichever of ``past_key_values`` /
-    ``cache`` they name); layers taking ``freqs`` get the rotary angles their model
-    computes once per forward (``model.model.rotary_freqs``), untimed like in a real run.
-    """
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None or len(layers) == 0:
-        raise UsageError(f"{type(model).__name__} has no model.layers")
-    params = inspect.signature(layers[0].forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    if "position_ids" in params:
-        mask_kw = "attention_mask" if "attention_mask" in params else "mask"
-
-        def by_positions(h: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            return (h, pos), {mask_kw: None, cache_kw: cache}
-
-        return by_positions
-    rotary_freqs = getattr(inner, "rotary_freqs", None)
-    if "freqs" in params and rotary_freqs is not None:
-        mask_kw = "mask" if "mask" in params else "attention_mask"
-
-        def by_freqs(h: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            return (h, rotary_freqs(pos)), {mask_kw: None, cache_kw: cache}
-
-        return by_freqs
-    raise UsageError(f"cannot tell how to call {type(layers[0]).__name__}: its forward takes {list(params)}")
-
-
 def layer_inputs_for(model: nn.Module) -> MakeInputs:
-    """The input builder for ``model``'s decoder layers: pruned format, else stock transformers."""
+    """The input builder for ``model``'s decoder layers, from whoever defines those layers.
+
+    The pruned format (and harness-signature models without ``rotary_emb``) ->
+    harness/pruned_model.py's `pruned_layer_inputs`; a stock transformers model -> its
+    architecture adapter's `ArchitectureAdapter.layer_inputs`.
+    """
     inner = getattr(model, "model", model)
     if hasattr(inner, "rotary_freqs") or not hasattr(inner, "rotary_emb"):
         return pruned_layer_inputs(model)
-    return hf_layer_inputs(model)
+    return adapter_for(model).layer_inputs(model)
 
 
 def _attention_heads(layer: nn.Module) -> int | None:
@@ -710,8 +497,6 @@ def measure_against_dense(
     earlier `time_model` result of the source model taken under the same settings (a
     speed sweep times the dense model once, not once per pruned model).
     """
-    from prunebench.harness.adapters import to_pruned
-
     common = dict(batch=settings["batch"], seqlen=settings["seqlen"], decode_tokens=settings["decode_tokens"],
                   kv_len=settings["kv_len"], warmup=settings["warmup"], repeats=settings["repeats"], device=device)
     if dense is None:

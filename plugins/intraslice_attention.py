@@ -33,12 +33,41 @@ naive ablation (paper sections 3.1 and C, Algorithm 2; Table 4's first row).
 weights and biases). With H' kept query heads, G' kept KV heads, c the kept q/k channels
 and p the kept v/o channels per head, the cost is
 ``c * (H'(d + b_q) + G'(d + b_k)) + p * (G'(d + b_v) + H' d) + d b_o``. Rule ``equal`` (the
-reference's): q/k and v/o keep the same fraction f of their per-head dims (c = p when
+default): q/k and v/o keep the same fraction f of their per-head dims (c = p when
 they are equal), with c raised to the floor ``ceil(qk_floor * qk_dim)`` (the layer's
 current qk_dim); c is rounded to the nearest pair granularity and p takes the rest of the
 budget, rounded down (so the plan is within one v/o channel per head of the budget, never
 over it). Rule ``qk-floor``: q/k sit at the floor, v/o take the rest. When p would exceed
-v_dim, the surplus goes back to q/k.
+v_dim, the surplus goes back to q/k. Rule ``shared`` (the reference code's): one common dim
+s per kept head for q/k (s/2 whole rotary pairs, plus pass-through channels only with
+partial rotary) and v/o; the head search compares p(kappa) = floor of the s at which kappa
+spends the budget exactly (the reference's int(K / |kappa|)), never removing a head when
+the others would then need more than a head's dims; after the search, the lowest-R_h heads
+are deleted until s reaches the q/k floor ``qk_floor * qk_dim`` (the reference hard-codes
+96 = 0.75 * 128); the final s is the pair-granular dim nearest to the exact one, at most
+the head dim (the reference rounds K / |kappa| to the nearest even number and does not
+clip), so the plan is within one pair step of the budget. Where a deletion would overshoot
+the head dim the floor still holds: the current heads at the floor, or one fewer at full
+dim, whichever is nearer the budget (the reference skips that deletion and keeps a dim
+below its floor).
+
+Options (component parameters; the defaults are the project's, the ``intraslice`` recipe
+sets the reference's):
+
+* ``pre_delete`` (reference: True): before the search, delete the heads that hold fewer
+  than floor(floor(K / H) / 4) of the layer's top-K o_proj input channels by the Eq. 2
+  score, K = the kept o_proj dims if every head were kept at the budget's dim.
+* ``spectra``: ``"head"`` (reference): Eq. 3's fraction is head h's own eigenvalue share.
+  ``"kv-group"``: the share of head h's output energy captured by the top-p eigenvectors
+  of its KV group's summed covariance, the basis step 4 really uses under GQA (the same
+  as ``"head"`` under MHA, up to rounding).
+* ``lsq_prior="zero"`` with ``lsq_ridge_mean="all"`` is the reference's map back exactly:
+  it regresses the dense o_proj input X on Z = X_r P (P = U U^T, the block projector onto
+  the kept PCA directions) with ridge 1% of mean(diag Z^T Z) over all H * v_dim dims and
+  sets W_o <- W_o (P Q_t)^T; since Z^T Z = U Y^T Y U^T with Y = X_r U, P Q_t = U (Y^T Y +
+  lambda I)^-1 Y^T X, which is Eq. 6 with prior zero in the reduced coordinates, its ridge
+  measured on the kept dims' trace spread over all H * v_dim dims. ``lsq_ridge_mean="kept"``
+  (the default) spreads it over the kept dims only: a ridge 1 / (kept fraction) stronger.
 
 Cost: one ``layer.collect`` pass (q_out, k_out moments; o_in Gram) and one attention-only
 pass of the dense and the trial attention side by side (Y^T Y and Y^T X), plus small
@@ -49,9 +78,22 @@ Departures from the reference code (and why):
   moments) instead of ``E|q_j k_j|`` of unrotated channels at the same token;
 * the ridge term of Eq. 6 shrinks toward the plain transpose ``Q_2^T`` rather than toward
   zero (``lsq_prior="transpose"``), so a full-rank basis maps back exactly (ratio 0 =
-  dense); ``lsq_prior="zero"`` is Eq. 6 as printed;
-* the q/k floor is enforced on q/k only (the reference also deletes heads until the
-  v/o dim reaches it); the greedy step alone decides how many heads go;
+  dense); ``lsq_prior="zero"`` is Eq. 6 as printed (and, with ``lsq_ridge_mean="all"``,
+  the reference's map);
+* with ``split="equal"`` the q/k floor is enforced on q/k only (the reference also
+  deletes heads until the v/o dim reaches it); the greedy step alone decides how many
+  heads go (``split="shared"`` is the reference's rule);
+* the budget is the layer's parameter count (exact GQA k/v counting), not o_proj dims;
+* the greedy loop is "delete the weakest head while the objective strictly improves";
+  the reference gates each attempt by a loop index, which can only stop it earlier;
+* ``split="shared"``'s forced deletion stops once the *final* (nearest pair-granular) dim
+  reaches the floor; the reference compares its floored dim int(K / n) with 96 before
+  rounding, so it may delete one head more (or, where that deletion would overshoot the
+  head dim, keep a dim below the floor);
+* ``pre_delete``'s K is the exact parameter budget's shared dim times H, rounded; the
+  reference's K = D - round(D * ratio) kept o_proj dims;
+* ``spectra="kv-group"`` takes a group's basis from all its heads' dense covariances (the
+  plan's basis sums the kept heads' recomputed outputs);
 * the plan really removes heads, pairs and dims (the reference zeroes weights).
 
 ``head-prune`` removes whole query heads by R_h (Eq. 2) to meet the budget, with no
@@ -62,6 +104,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,9 +119,11 @@ from prunebench.harness.scores import weighted_energy
 from prunebench.harness.stats import Moments, eigh_descending, solve_psd
 from prunebench.harness.surgery import attention_plan_of, build_attention, fuse_vo, keep_heads, keep_qk_pairs
 
-SPLITS = ("equal", "qk-floor")
+SPLITS = ("equal", "qk-floor", "shared")
 O_MAPS = ("lsq", "transpose")
 LSQ_PRIORS = ("transpose", "zero")
+SPECTRA = ("head", "kv-group")
+RIDGE_MEANS = ("kept", "all")
 
 
 # ----- scores (Eqs. 2-3) --------------------------------------------------------------------
@@ -108,6 +153,31 @@ def head_spectra(o_in: Moments, num_heads: int) -> torch.Tensor:
         total = vals.sum()
         cum = torch.cat((vals.new_zeros(1), vals.cumsum(0)))
         rows.append(cum / total if total > 0 else torch.zeros_like(cum))
+    return torch.stack(rows) if rows else torch.zeros(0, v + 1, dtype=torch.float64)
+
+
+def group_spectra(o_in: Moments, head_to_kv: Sequence[int]) -> torch.Tensor:
+    """Like ``head_spectra``, in the basis the plan really uses under GQA: row h, column p
+    is the share of head h's output energy captured by the top-p eigenvectors of its KV
+    group's summed covariance (all heads of the group), [H, v_dim + 1].
+
+    Under MHA (one head per group) the basis is the head's own, so the rows equal
+    ``head_spectra``'s up to float rounding.
+    """
+    gram = o_in.covariance().to(torch.float64)
+    num_heads = len(head_to_kv)
+    v = gram.shape[0] // max(num_heads, 1)
+    blocks = [gram[h * v : (h + 1) * v, h * v : (h + 1) * v] for h in range(num_heads)]
+    bases: dict[int, torch.Tensor] = {}
+    for g in sorted(set(head_to_kv)):
+        bases[g] = eigh_descending(sum(blocks[h] for h in range(num_heads) if head_to_kv[h] == g))[1]
+    rows = []
+    for h, block in enumerate(blocks):
+        q = bases[head_to_kv[h]]
+        energy = ((block @ q) * q).sum(0).clamp_min(0.0)  # diag(Q^T C_h Q): energy per direction
+        total = block.diagonal().sum()
+        cum = torch.cat((energy.new_zeros(1), energy.cumsum(0)))
+        rows.append((cum / total).clamp(max=1.0) if total > 0 else torch.zeros_like(cum))
     return torch.stack(rows) if rows else torch.zeros(0, v + 1, dtype=torch.float64)
 
 
@@ -146,24 +216,75 @@ def split_dims(costs: AttentionCost, budget: float, heads: int, kv_heads: int, s
     return int(c), int(p)
 
 
+@dataclass(frozen=True)
+class SharedDims:
+    """The ``shared`` budget rule: one common dim s per kept head for q/k (s/2 rotary pairs,
+    plus pass-through channels only with partial rotary) and v/o, from the layer's exact
+    parameter count (``AttentionCost``: k/v rows per kept KV head)."""
+
+    costs: AttentionCost
+    budget: float
+    head_to_kv: tuple[int, ...]
+
+    @property
+    def max_dim(self) -> int:
+        return min(self.costs.qk_dim, self.costs.v_dim)
+
+    def exact(self, heads: Sequence[int]) -> float:
+        """The real-valued s at which ``heads`` spend the budget exactly (may exceed max_dim)."""
+        if not heads:
+            return 0.0
+        n, g = len(heads), kv_count(self.head_to_kv, heads)
+        per_dim = self.costs.per_qk_channel(n, g) + self.costs.per_vo_channel(n, g)
+        return (self.budget - self.costs.fixed) / per_dim
+
+    def search(self, heads: Sequence[int]) -> int:
+        """What the head search compares: floor of the exact s (the reference's int(K / n))."""
+        return math.floor(self.exact(heads) + 1e-9)
+
+    def final(self, heads: Sequence[int]) -> int:
+        """The pair-granular dim nearest to the exact s, in [0, max_dim] (ties: the smaller)."""
+        target = self.exact(heads)
+        options = [c for c in self.costs.achievable_qk() if c <= self.max_dim]
+        return min(options, key=lambda c: (abs(c - target), c))
+
+
+def pre_delete_heads(channel: torch.Tensor, num_heads: int, k: int) -> list[int]:
+    """The reference's pre-deletion: heads holding fewer than floor(floor(k / H) / 4) of
+    the layer's top-k o_proj input channels by the Eq. 2 score (ties: lower index first)."""
+    if num_heads == 0 or k <= 0:
+        return []
+    width = channel.numel() // num_heads
+    top = torch.argsort(channel.to(torch.float64), descending=True, stable=True)[: min(k, channel.numel())]
+    counts = torch.bincount(top // width, minlength=num_heads)
+    threshold = (k // num_heads) // 4
+    return [h for h in range(num_heads) if int(counts[h]) < threshold]
+
+
 def greedy_heads(
     r_h: torch.Tensor,
     spectra: torch.Tensor,
     head_to_kv: Sequence[int],
     dims: Any,
+    start: Sequence[int] | None = None,
+    limit: int | None = None,
 ) -> tuple[list[int], list[dict[str, float]]]:
     """Eqs. 4-5: remove the lowest-R_h head while the reconstruction gain S_g is positive
     (or while the kept heads do not fit the budget at all).
 
-    ``dims(heads)`` gives the common v/o dim p for a kept set. Returns the kept heads and
-    the trail of accepted steps (for the summary).
+    ``dims(heads)`` gives the common v/o dim p for a kept set; the search starts from
+    ``start`` (default: every head) and never removes a head when the others would need
+    more than ``limit`` dims to spend the budget (the reference's ``k_now > d`` test).
+    Returns the kept heads and the trail of accepted steps (for the summary).
     """
-    kept = list(range(len(head_to_kv)))
+    kept = list(range(len(head_to_kv))) if start is None else list(start)
     trail: list[dict[str, float]] = []
     while len(kept) > 1:
         h = min(kept, key=lambda i: (float(r_h[i]), i))
         rest = [i for i in kept if i != h]
         p_now, p_next = dims(kept), dims(rest)
+        if limit is not None and p_next > limit and p_now > 0:
+            break
         gain = reconstruction_score(r_h, spectra, rest, p_next) - reconstruction_score(r_h, spectra, kept, p_now)
         # p <= 0: the budget cannot hold these heads at the q/k floor, so a head must go.
         if not (gain > 0 or p_now <= 0):
@@ -300,6 +421,15 @@ def o_map_back(
     return full
 
 
+def ridge_damping(damping: float, mean: str, kept_dims: int, all_dims: int) -> float:
+    """The relative ridge ``o_map_back`` passes to its solve (relative to the mean diagonal
+    of Y^T Y over the ``kept_dims`` kept directions). ``mean="all"`` is the reference's:
+    ``damping`` x the mean over all H * v_dim o_proj input dims of diag(Z^T Z), Z = X_r P
+    (removed heads and dropped directions count as zeros), i.e. the same trace over
+    ``all_dims`` instead of ``kept_dims``."""
+    return damping * kept_dims / all_dims if mean == "all" and all_dims > 0 else damping
+
+
 def o_map_back_transpose(bases: torch.Tensor, kept: Sequence[int], head_to_kv: Sequence[int], num_heads: int) -> torch.Tensor:
     """The plain transpose map (no compensation): block h = Q_2[g(h)]^T, rows of removed
     heads zero."""
@@ -312,7 +442,8 @@ def o_map_back_transpose(bases: torch.Tensor, kept: Sequence[int], head_to_kv: S
 
 # ----- the planner ---------------------------------------------------------------------------
 def _check_params(params: dict[str, Any]) -> None:
-    for key, allowed in (("split", SPLITS), ("o_map", O_MAPS), ("lsq_prior", LSQ_PRIORS)):
+    for key, allowed in (("split", SPLITS), ("o_map", O_MAPS), ("lsq_prior", LSQ_PRIORS), ("spectra", SPECTRA),
+                         ("lsq_ridge_mean", RIDGE_MEANS)):
         if params[key] not in allowed:
             raise ValueError(f"intraslice-head-pca: {key}={params[key]!r}; choose from {', '.join(allowed)}")
     if not 0.0 <= float(params["qk_floor"]) <= 1.0:
@@ -325,6 +456,79 @@ def _no_heads(plan: AttentionPlan) -> AttentionPlan:
     return keep_heads(plan, [])
 
 
+def _split_heads(
+    costs: AttentionCost, budget: float, r_h: torch.Tensor, spectra: torch.Tensor, channel: torch.Tensor,
+    head_to_kv: Sequence[int], params: dict[str, Any],
+) -> tuple[list[int], int, int, dict[str, Any]]:
+    """Kept heads and their (q/k, v/o) dims by the ``equal`` or ``qk-floor`` rule: optional
+    pre-deletion, then the greedy search of Eqs. 4-5 (module docstring)."""
+    split, floor = str(params["split"]), float(params["qk_floor"])
+    num_heads = len(head_to_kv)
+
+    def dims(heads: Sequence[int]) -> tuple[int, int]:
+        return split_dims(costs, budget, len(heads), kv_count(head_to_kv, heads), split, floor)
+
+    pre: list[int] = []
+    if params["pre_delete"]:
+        pre = pre_delete_heads(channel, num_heads, num_heads * max(dims(range(num_heads))[1], 0))
+    start = [h for h in range(num_heads) if h not in pre]
+    kept, trail = greedy_heads(r_h, spectra, head_to_kv, lambda hs: dims(hs)[1], start=start if pre else None)
+    c, p = dims(kept)
+    return kept, c, p, {"pre_deleted": pre, "greedy": trail}
+
+
+def _shared_heads(
+    costs: AttentionCost, budget: float, r_h: torch.Tensor, spectra: torch.Tensor, channel: torch.Tensor,
+    head_to_kv: Sequence[int], params: dict[str, Any],
+) -> tuple[list[int], int, int, dict[str, Any]]:
+    """Kept heads and their common dim by the ``shared`` rule (the reference's): optional
+    pre-deletion with K = every head at the shared dim the budget allows, the greedy search
+    (p(kept) = floor of the exact shared dim), then forced deletion of the lowest-R_h heads
+    until that dim reaches the q/k floor; the final dim is the nearest pair-granular one."""
+    rule = SharedDims(costs, budget, tuple(head_to_kv))
+    floor_dim = costs.qk_floor(float(params["qk_floor"]))
+    num_heads = len(head_to_kv)
+    every = list(range(num_heads))
+    pre: list[int] = []
+    if params["pre_delete"]:
+        k = round(num_heads * min(max(rule.exact(every), 0.0), rule.max_dim))
+        pre = pre_delete_heads(channel, num_heads, k)
+    start = [h for h in every if h not in pre]
+    kept, trail = greedy_heads(r_h, spectra, head_to_kv, rule.search, start=start, limit=rule.max_dim)
+    kept, forced, dim = _force_floor(rule, r_h, kept, floor_dim, budget)
+    info = {"pre_deleted": pre, "greedy": trail, "forced": forced, "exact_dim": rule.exact(kept)}
+    return kept, dim, dim, info
+
+
+def _force_floor(rule: SharedDims, r_h: torch.Tensor, kept: list[int], floor_dim: int,
+                 budget: float) -> tuple[list[int], list[int], int]:
+    """Delete the lowest-R_h heads until the final shared dim reaches the q/k floor.
+
+    Where deleting one more head would leave the others more dims than a head has (the
+    reference skips such a deletion and keeps a dim below its floor), the floor is kept:
+    the current heads at the floor dim, or one head fewer at full dim, whichever is nearer
+    the budget; the last head likewise stays at the floor or goes. Returns the kept
+    heads, the deleted ones and the common dim.
+    """
+    kept, forced = list(kept), []
+    costs = rule.costs
+    while kept and rule.final(kept) < floor_dim:
+        h = min(kept, key=lambda i: (float(r_h[i]), i))
+        rest = [i for i in kept if i != h]
+        at_floor = costs.cost(len(kept), kv_count(rule.head_to_kv, kept), floor_dim, floor_dim)
+        if not rest:
+            fewer = costs.fixed
+        elif rule.exact(rest) > rule.max_dim:
+            fewer = costs.cost(len(rest), kv_count(rule.head_to_kv, rest), rule.max_dim, rule.max_dim)
+        else:
+            fewer = None  # deleting still leaves the budget to spend: the reference's forced deletion
+        if fewer is not None and abs(at_floor - budget) <= abs(fewer - budget):
+            return kept, forced, floor_dim
+        kept = rest
+        forced.append(h)
+    return kept, forced, rule.final(kept) if kept else 0
+
+
 def plan_head_pca(layer: LayerContext, ratio: float, params: dict[str, Any]) -> AttentionPlan:
     """The full IntraSlice attention plan of ``layer`` (steps 1-5 of the module docstring)."""
     _check_params(params)
@@ -332,20 +536,21 @@ def plan_head_pca(layer: LayerContext, ratio: float, params: dict[str, Any]) -> 
     dense = attention_plan_of(attn)
     costs = AttentionCost.of_plan(dense)
     budget = (1.0 - ratio) * plan_params(dense)
-    split, floor = str(params["split"]), float(params["qk_floor"])
+    split = str(params["split"])
     head_to_kv = dense.head_to_kv
     num_heads = len(head_to_kv)
 
     stats = layer.collect({"o_in": True, "q_out": False, "k_out": False})
-    r_h = head_importance(channel_importance(effective_weight(attn.o_proj), stats["o_in"]), num_heads)
-    spectra = head_spectra(stats["o_in"], num_heads)
+    channel = channel_importance(effective_weight(attn.o_proj), stats["o_in"])
+    r_h = head_importance(channel, num_heads)
+    if params["spectra"] == "head":
+        spectra = head_spectra(stats["o_in"], num_heads)
+    else:
+        spectra = group_spectra(stats["o_in"], head_to_kv)
 
-    def dims(heads: Sequence[int]) -> tuple[int, int]:
-        return split_dims(costs, budget, len(heads), kv_count(head_to_kv, heads), split, floor)
-
-    kept, trail = greedy_heads(r_h, spectra, head_to_kv, lambda hs: dims(hs)[1])
-    c, p = dims(kept)
-    if p <= 0:  # the budget cannot hold even one head at the q/k floor
+    choose = _shared_heads if split == "shared" else _split_heads
+    kept, c, p, info = choose(costs, budget, r_h, spectra, channel, head_to_kv, params)
+    if p <= 0 or not kept:  # the budget cannot hold even one head at the q/k floor
         plan = _no_heads(dense)
         plan.summary = {"kept_heads": [], "reason": "budget below one head", "params": plan_params(plan)}
         return plan
@@ -360,7 +565,8 @@ def plan_head_pca(layer: LayerContext, ratio: float, params: dict[str, Any]) -> 
     yy, yx = joint_o_in(layer, trial)
     bases = group_bases(yy, [head_to_kv[h] for h in kept], dense.num_kv_heads, costs.v_dim, p)
     if params["o_map"] == "lsq":
-        o_map = o_map_back(yy, yx, bases, kept, head_to_kv, num_heads, float(params["damping"]), str(params["lsq_prior"]))
+        damping = ridge_damping(float(params["damping"]), str(params["lsq_ridge_mean"]), len(kept) * p, num_heads * costs.v_dim)
+        o_map = o_map_back(yy, yx, bases, kept, head_to_kv, num_heads, damping, str(params["lsq_prior"]))
     else:
         o_map = o_map_back_transpose(bases, kept, head_to_kv, num_heads)
     device = dense.v.weight.device
@@ -376,7 +582,7 @@ def plan_head_pca(layer: LayerContext, ratio: float, params: dict[str, Any]) -> 
         "budget": budget,
         "params": plan_params(plan),
         "split": split,
-        "greedy": trail,
+        **info,
     }
     return plan
 
@@ -391,7 +597,10 @@ class IntraSliceHeadPCA(Component):
         "qk_floor": 0.75,  # kept q/k dim >= qk_floor * qk_dim
         "o_map": "lsq",  # "lsq" (Q_2*, Eq. 6) or "transpose" (plain Q_2^T, no compensation)
         "lsq_prior": "transpose",  # ridge shrinks toward Q_2^T ("transpose") or 0 ("zero", Eq. 6 as printed)
-        "split": "equal",  # budget split between q/k and v/o: "equal" fractions or "qk-floor"
+        "split": "equal",  # q/k vs v/o: "equal" fractions, "qk-floor", or "shared" (one common dim: the reference)
+        "pre_delete": False,  # the reference's pre-deletion of heads with few top-K channels
+        "spectra": "head",  # Eq. 3's spectra per query head ("head", reference) or in the KV group's basis ("kv-group")
+        "lsq_ridge_mean": "kept",  # Eq. 6 ridge relative to mean(diag) over kept dims ("kept") or all H*v_dim ("all": reference)
     }
 
     @hookimpl

@@ -31,6 +31,19 @@ Three ``ffn`` components, from simplest to full:
 Every map fuses into the weights: the pruned FFN has exactly K channels and no extra
 parameters.
 
+Options (defaults: the project's; the ``intraslice`` recipe sets the reference's):
+
+* ``ridge`` (``select-ls``, ``intraslice-iterpca``): ``"adaptive"`` = the data-scaled ridge
+  below; ``"fixed"`` = ``damping`` (1%) of mean(diag H), the reference's, also for the
+  iteration's Eq. 8 recomputation.
+* ``score``: ``"gram"`` scores channel j with H_jj; ``"damped"`` with H_jj + damping *
+  mean(diag H), as the reference does (it damps H in place before scoring), which favours
+  channels with large down_proj columns but little activation energy.
+* ``positions`` (``intraslice-iterpca``): which positions of each sequence the iterative
+  fit and its held-out vote see when ``max_tokens`` caps them: ``"first"`` (BOS and
+  attention-sink tokens included) or seeded ``"random"`` ones (``LayerContext.capture``).
+  The reference fits on all positions of 32 random whole sequences per step.
+
 Departures from the paper / reference, and why (measurements on SmolLM2-135M, layer 3,
 30% FFN ratio, calibration 16 x 256 tokens, error on 16 held-out sequences):
 
@@ -40,7 +53,11 @@ Departures from the paper / reference, and why (measurements on SmolLM2-135M, la
   held-out FFN output error was 107 against 83 for plain selection, at the extra term's
   ~1.06 it was 79 (80 -> 43 on the calibration tokens). At the paper's 128 x 2048 tokens
   the term is 0.016 for K = 1072 (0.12 for Llama-7B's K ~ 7700: more regressors, more
-  ridge). ``sample_damping=0`` gives the paper's ridge.
+  ridge). ``ridge="fixed"`` (or ``sample_damping=0``) gives the paper's ridge.
+* The channel score uses the undamped H_jj (``score="gram"``); the reference's uses the
+  damped one (``score="damped"``).
+* The kept count is the nearest multiple of 8 to the parameter budget; the reference
+  rounds the dropped count down to a multiple of 8.
 * Monotone and guarded against overfitting: the last ``holdout`` fraction of the captured
   sequences is never fitted. Every slice update and every Eq. 8 recomputation is kept only
   if it lowers the FFN output error ``J = mean ||(R Q_r - X_d) W_down^T||^2`` on the fitted
@@ -86,11 +103,13 @@ SCORE_COLUMNS = 512
 """Columns of down_proj squared at a time in ``channel_scores`` (memory only; bitwise the same)."""
 
 
-def channel_scores(down_weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def channel_scores(down_weight: torch.Tensor, gram: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
     """Amplitude score of every intermediate channel: ||W_down[:, j]||^2 * (X_d^T X_d)_jj.
 
     It is the energy channel j sends into the layer output (the diagonal term of the
     output's second moment), so the lowest-scoring channels are the cheapest to drop.
+    ``damping > 0`` scores with the damped diagonal H_jj + damping * mean(diag H), as the
+    reference does (it damps H in place before scoring).
     """
     width = down_weight.shape[1]
     # Column blocks: the float64 square of a whole wide down_proj would be two [hidden, D]
@@ -99,7 +118,10 @@ def channel_scores(down_weight: torch.Tensor, gram: torch.Tensor) -> torch.Tenso
         down_weight[:, s : s + SCORE_COLUMNS].to(torch.float64).pow(2).sum(0)
         for s in range(0, width, SCORE_COLUMNS)
     ]) if width else down_weight.new_zeros(0, dtype=torch.float64)
-    return energy * gram.diagonal().to(torch.float64).clamp_min(0)
+    diag = gram.diagonal().to(torch.float64).clamp_min(0)
+    if damping > 0 and diag.numel():
+        diag = diag + float(damping) * gram.diagonal().to(torch.float64).mean()
+    return energy * diag
 
 
 def select_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -113,6 +135,24 @@ def removed_of(kept: torch.Tensor, width: int) -> torch.Tensor:
     mask = torch.ones(width, dtype=torch.bool, device=kept.device)
     mask[kept] = False
     return torch.nonzero(mask).flatten()
+
+
+RIDGES = ("adaptive", "fixed")
+SCORES = ("gram", "damped")
+
+
+def ridge_strength(params: dict[str, Any], regressors: int, tokens: int) -> float:
+    """The ridge of Eq. 8 relative to mean(diag H) by the ``ridge`` parameter: ``"adaptive"``
+    (``effective_damping``) or ``"fixed"`` (``damping`` alone: the reference's 1%)."""
+    if params["ridge"] == "fixed":
+        return float(params["damping"])
+    return effective_damping(params["damping"], params["sample_damping"], regressors, tokens)
+
+
+def _check_options(name: str, params: dict[str, Any]) -> None:
+    for key, allowed in (("ridge", RIDGES), ("score", SCORES), ("positions", ("first", "random"))):
+        if key in params and params[key] not in allowed:
+            raise ValueError(f"{name}: {key}={params[key]!r}; choose from {', '.join(allowed)}")
 
 
 def effective_damping(damping: float, sample_damping: float, regressors: int, tokens: int) -> float:
@@ -515,8 +555,10 @@ def iterated_layers(mlp_ratios: list[float], fraction: float) -> set[int]:
 
 
 # ----- components ----------------------------------------------------------------------------
-def _prepare(layer: LayerContext, ratio: float, multiple: int) -> tuple[MLPPlan, Any, torch.Tensor, int] | None:
-    """Identity plan, down_in statistics, scores and K; None when nothing is removed."""
+def _prepare(layer: LayerContext, ratio: float, multiple: int, score_damping: float = 0.0
+             ) -> tuple[MLPPlan, Any, torch.Tensor, int] | None:
+    """Identity plan, down_in statistics, scores (``score_damping``: see ``channel_scores``)
+    and K; None when nothing is removed."""
     mlp = layer.layer.mlp
     if ratio <= 0 or mlp.intermediate == 0:
         return None
@@ -527,7 +569,12 @@ def _prepare(layer: LayerContext, ratio: float, multiple: int) -> tuple[MLPPlan,
     stats = layer.collect({"down_in": True})["down_in"]
     if plan.down.weight is None:
         raise ValueError("intraslice ffn components need a dense down_proj (found a low-rank factor pair)")
-    return plan, stats, channel_scores(plan.down.weight, stats.gram), k
+    return plan, stats, channel_scores(plan.down.weight, stats.gram, score_damping), k
+
+
+def _score_damping(params: dict[str, Any]) -> float:
+    """The damping added to H_jj for the channel score: ``damping`` with ``score="damped"``."""
+    return float(params["damping"]) if params["score"] == "damped" else 0.0
 
 
 class SelectFFN(Component):
@@ -552,16 +599,23 @@ class SelectLSFFN(Component):
     """Channel selection plus least-squares reconstruction of the removed channels (Eq. 8) fused into down_proj."""
 
     kind, name = "ffn", "select-ls"
-    defaults: dict[str, Any] = {"multiple": 8, "damping": 0.01, "sample_damping": 4.0}
+    defaults: dict[str, Any] = {
+        "multiple": 8,
+        "damping": 0.01,
+        "sample_damping": 4.0,
+        "ridge": "adaptive",  # "adaptive": damping + sample_damping * K / n; "fixed": damping (the reference's 1%)
+        "score": "gram",  # channel score with H_jj ("gram") or the damped H_jj + damping * mean(diag H) ("damped": reference)
+    }
 
     @hookimpl
     def compress_mlp(self, layer: LayerContext, ratio: float, params: dict[str, Any]) -> MLPPlan | None:
-        prepared = _prepare(layer, ratio, params["multiple"])
+        _check_options(self.name, params)
+        prepared = _prepare(layer, ratio, params["multiple"], _score_damping(params))
         if prepared is None:
             return None
         plan, stats, scores, k = prepared
         kept = select_channels(scores, k)
-        damping = effective_damping(params["damping"], params["sample_damping"], k, stats.count)
+        damping = ridge_strength(params, k, stats.count)
         problem = RidgeProblem.from_gram(stats.gram, kept, damping)
         del prepared, stats
         layer.release_statistics()  # the D x D Gram is not needed past this point
@@ -590,17 +644,21 @@ class IterPCAFFN(Component):
         "loss": "output",
         "holdout": 0.25,
         "max_tokens": 8192,
+        "ridge": "adaptive",  # as select-ls's (also the ridge of the iteration's Eq. 8 recomputation)
+        "score": "gram",  # as select-ls's
+        "positions": "first",  # captured positions per sequence: "first" or seeded "random" (LayerContext.capture)
     }
 
     @hookimpl
     def compress_mlp(self, layer: LayerContext, ratio: float, params: dict[str, Any]) -> MLPPlan | None:
         start = time.perf_counter()
-        prepared = _prepare(layer, ratio, params["multiple"])
+        _check_options(self.name, params)
+        prepared = _prepare(layer, ratio, params["multiple"], _score_damping(params))
         if prepared is None:
             return None
         plan, stats, scores, k = prepared
         kept = select_channels(scores, k)
-        damping = effective_damping(params["damping"], params["sample_damping"], k, stats.count)
+        damping = ridge_strength(params, k, stats.count)
         problem = RidgeProblem.from_gram(stats.gram, kept, damping)
         # Neither the solve nor the iteration needs second moments any more: free the Grams
         # first (the D x D one of down_proj's input is the largest tensor of a wide layer).
@@ -612,16 +670,15 @@ class IterPCAFFN(Component):
         chosen = iterated_layers(list(layer.allocation.mlp), float(params["iterate_fraction"]))
         if bool(params["iterate"]) and k > 0 and layer.index in chosen:
             mlp = layer.layer.mlp
-            x = layer.capture("mlp_in", int(params["max_tokens"]) if params["max_tokens"] else None)
+            x = layer.capture("mlp_in", int(params["max_tokens"]) if params["max_tokens"] else None,
+                              positions=str(params["positions"]))
             samples = FFNSamples.from_inputs(x, plan, mlp.act_fn)
             order = torch.argsort(scores, descending=True, stable=True)
             cfg = IterConfig(
                 iterations=int(params["iterations"]), slice_size=int(params["slice_size"]),
                 steps=int(params["steps"]), lr=float(params["lr"]), optimizer=str(params["optimizer"]),
                 batch_tokens=int(params["batch_tokens"]), amplitude=float(params["amplitude"]),
-                damping=effective_damping(
-                    params["damping"], params["sample_damping"], k, samples.split(float(params["holdout"]))[0].tokens
-                ),
+                damping=ridge_strength(params, k, samples.split(float(params["holdout"]))[0].tokens),
                 loss=str(params["loss"]), holdout=float(params["holdout"]), seed=int(layer.run.seed) + layer.index,
             )
             q_start = q_r.dense(torch.float32)  # what the iteration starts from

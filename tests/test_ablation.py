@@ -7,29 +7,18 @@ import pytest
 
 from prunebench.harness import grid
 from prunebench.harness.ablation import ablation_rows, ablation_specs, ablation_table
-from prunebench.harness.api import RunSpec, protocol_id, protocol_of, result_path
 from prunebench.harness.cli import main
 from prunebench.harness.errors import UsageError
 from prunebench.harness.manager import PluginHost
 from prunebench.harness.results import write_result
+from prunebench.harness.session import RunSession
+from prunebench.harness.spec import RunSpec
+from prunebench.harness.testing import fake_result
 
 
 @pytest.fixture(scope="module")
 def host() -> PluginHost:
     return PluginHost()
-
-
-def _fake_result(spec: RunSpec, ppl: float) -> dict:
-    protocol = protocol_of(spec, spec.resolved_profile())
-    return {
-        "schema": 1,
-        "spec": {"model": spec.model, "method": spec.method, "overrides": list(spec.overrides),
-                 "protocol": protocol, "protocol_id": protocol_id(protocol)},
-        "recipe": {"name": spec.method, "method": spec.method, "components": {}},
-        "sparsity": {"target": spec.sparsity, "achieved": spec.sparsity},
-        "params": {}, "timings": {"stages_s": {"prune": 1.0}}, "memory": {}, "pruning": {}, "environment": {},
-        "metrics": {"dense": {"ppl": {"wiki-offline": 20.0}}, "pruned": {"ppl": {"wiki-offline": ppl}}},
-    }
 
 
 class DistinctPplRunner:
@@ -42,16 +31,18 @@ class DistinctPplRunner:
     def __call__(self, spec, results_dir, host, show_progress):
         ppl = 100.0 + 10 * len(self.calls) + spec.sparsity
         self.calls.append((spec.method, tuple(spec.overrides), spec.sparsity))
-        result = _fake_result(spec, ppl)
-        name = host.resolve(spec.method, spec.overrides).name
-        write_result(result_path(results_dir, spec, name, result["spec"]["protocol_id"]), result)
+        result = fake_result(spec, ppl, host=host)
+        result["path"] = str(write_result(RunSession(spec, host=host).result_path(results_dir), result))
         return result
 
 
 def test_intraslice_rows_follow_table_4_then_uniform(host):
     rows = ablation_rows(host, "intraslice")
     assert [r.label for r in rows] == ["Naive", "+Ada-H", "+Pca-A", "+IPca", "+IPca (uniform ratios)"]
-    assert [r.method for r in rows] == ["intraslice-naive", "intraslice-ada-h", "intraslice-pca-a", "intraslice", "intraslice"]
+    # the last Table-4 row is the full paper method (intraslice itself follows the reference
+    # code); the core's extra uniform row swaps that last row's allocation
+    assert [r.method for r in rows] == ["intraslice-naive", "intraslice-ada-h", "intraslice-pca-a",
+                                        "intraslice-paper-ablation-ipca", "intraslice-paper-ablation-ipca"]
     assert rows[-1].overrides == ("allocation=uniform",)
     assert host.resolve(rows[-1].method, rows[-1].overrides).components["allocation"].name == "uniform"
     assert len(ablation_rows(host, "intraslice", uniform=False)) == 4

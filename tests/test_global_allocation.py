@@ -7,7 +7,7 @@ import torch
 
 from prunebench.harness.contracts import Importance, LayerShape, ModelShape
 from prunebench.harness.errors import UsageError
-from prunebench.plugins.global_allocation import GlobalAllocation, global_allocation, remove_lowest
+from prunebench.plugins.global_allocation import GlobalAllocation, global_allocation, remove_lowest, respread_cap
 from prunebench.plugins.intraslice import ablation_labels, ablation_recipes
 from prunebench.plugins.mask_grad import ChannelImportance
 
@@ -150,12 +150,88 @@ def test_errors_are_clear() -> None:
         global_allocation(bad, 0.3, shape, PARAMS)
 
 
+# ----- selection="reference" --------------------------------------------------------------------
+REFERENCE = {**PARAMS, "selection": "reference"}
+
+
+def _slack(shape: ModelShape) -> float:
+    """One head and one neuron of the widest layer: the reference's count granularity."""
+    return max(l.attention_params / l.num_heads + l.mlp_params / l.intermediate for l in shape.layers)
+
+
+def test_reference_ratios_are_head_and_neuron_count_fractions() -> None:
+    shape = ModelShape([llama_layer() for _ in range(6)])
+    imp = random_importance(shape, torch.Generator().manual_seed(4))
+    for target in (0.2, 0.3, 0.45):
+        alloc = global_allocation(imp, target, shape, {**REFERENCE, "cap": 1.0})  # no cap: the raw counts
+        heads = [round((1 - r) * 4) for r in alloc.attention]
+        neurons = [round((1 - r) * 96) for r in alloc.mlp]
+        assert all(abs((1 - r) * 4 - k) < 1e-9 for r, k in zip(alloc.attention, heads))
+        assert all(abs((1 - r) * 96 - k) < 1e-9 for r, k in zip(alloc.mlp, neurons))
+        # kept heads: the top sum(heads) by raw score over all layers
+        flat = torch.cat(imp.attention)
+        top = torch.argsort(flat, descending=True)[: sum(heads)]
+        assert [int((top // 4 == l).sum()) for l in range(6)] == heads
+        assert sum(neurons) == int(6 * 96 * (1 - target))
+        assert alloc.removed_params(shape) == pytest.approx(target * shape.decoder_params, abs=_slack(shape))
+        assert alloc.meta["selection"] == "reference"
+
+
+def test_reference_counts_gqa_heads_at_their_fractional_cost() -> None:
+    """q + o + (G/N)(k + v) per head: removing a head fraction removes that fraction of the
+    attention's parameters, so the total meets the target within one head and one neuron."""
+    shape = uneven_shape()
+    gen = torch.Generator().manual_seed(5)
+    for target in (0.1, 0.25, 0.4):
+        for lambda_b in (0.8, 1.0, 1.2):
+            alloc = global_allocation(random_importance(shape, gen), target, shape, {**REFERENCE, "lambda_b": lambda_b, "cap": 1.0})
+            assert alloc.removed_params(shape) == pytest.approx(target * shape.decoder_params, abs=_slack(shape))
+            kept = sum((1 - r) * l.intermediate for r, l in zip(alloc.mlp, shape.layers))
+            assert round(kept) == int(sum(l.intermediate for l in shape.layers) * (1 - lambda_b * target))
+
+
+def test_reference_equal_scores_give_uniform_ratios() -> None:
+    shape = ModelShape([llama_layer() for _ in range(4)])
+    for target in (0.25, 0.5):  # 16 heads and 384 neurons: the kept counts split evenly over 4 layers
+        alloc = global_allocation(equal_importance(shape), target, shape, REFERENCE)
+        assert max(alloc.attention) - min(alloc.attention) < 1e-12
+        assert max(alloc.mlp) - min(alloc.mlp) < 1e-12
+        assert alloc.mlp[0] == pytest.approx(target) and alloc.attention[0] == pytest.approx(target)
+    odd = global_allocation(equal_importance(shape), 0.3, shape, REFERENCE)  # counts not divisible by 4: within one unit
+    assert max(odd.attention) - min(odd.attention) <= 1 / 4 + 1e-12 and max(odd.mlp) - min(odd.mlp) <= 1 / 96 + 1e-12
+
+
+def test_respread_cap_moves_the_excess_to_the_largest_ratios_first() -> None:
+    out = respread_cap([0.9, 0.5, 0.3, 0.0, 0.8], 0.8)
+    assert out == pytest.approx([0.8, 0.5 + 0.1 * 0.5 / 0.8, 0.3 + 0.1 * 0.3 / 0.8, 0.0, 0.8])  # 0 and the cap get nothing
+    out = respread_cap([1.0, 1.0, 0.7, 0.1], 0.8)  # the largest fills up to the cap, the rest goes on
+    assert out == pytest.approx([0.8, 0.8, 0.8, 0.4]) and sum(out) == pytest.approx(2.8)
+    assert respread_cap([1.0, 0.8, 0.0], 0.8) == [0.8, 0.8, 0.0]  # nowhere to go: the excess is lost
+    assert respread_cap([0.5, 0.2], 0.8) == [0.5, 0.2]
+
+
+def test_reference_cap_respreads_and_conserves_the_total() -> None:
+    shape = ModelShape([llama_layer() for _ in range(4)])
+    imp = random_importance(shape, torch.Generator().manual_seed(6))
+    imp.attention[0] = imp.attention[0] * 0.0  # worthless layer 0: every head would go without the cap
+    imp.mlp[0] = imp.mlp[0] * 0.0
+    raw = global_allocation(imp, 0.4, shape, {**REFERENCE, "cap": 1.0})
+    assert raw.attention[0] == 1.0 and raw.mlp[0] == 1.0
+    capped = global_allocation(imp, 0.4, shape, REFERENCE)
+    assert max(capped.attention + capped.mlp) <= 0.8 + 1e-12 and capped.attention[0] == 0.8
+    assert sum(capped.attention) == pytest.approx(sum(raw.attention)) and sum(capped.mlp) == pytest.approx(sum(raw.mlp))
+    assert capped.removed_params(shape) == pytest.approx(raw.removed_params(shape), rel=1e-12)
+    assert capped.removed_params(shape) == pytest.approx(0.4 * shape.decoder_params, abs=_slack(shape))
+    with pytest.raises(UsageError, match="selection"):
+        global_allocation(imp, 0.4, shape, {**PARAMS, "selection": "paper"})
+
+
 def test_ablation_recipes_resolve_in_table_order() -> None:
     from prunebench.harness.manager import PluginHost
 
     host = PluginHost()
     names = ablation_recipes()
-    assert names == ["intraslice-naive", "intraslice-ada-h", "intraslice-pca-a", "intraslice"]
+    assert names == ["intraslice-naive", "intraslice-ada-h", "intraslice-pca-a", "intraslice-paper-ablation-ipca"]
     assert list(ablation_labels().values()) == ["Naive", "+Ada-H", "+Pca-A", "+IPca"]
     rows = [host.resolve(n).components for n in names]
     assert [r["importance"].name for r in rows] == ["mask-grad", "mask-grad", "mask-grad-pca", "mask-grad-pca"]

@@ -21,6 +21,11 @@ from prunebench.harness.testing import tiny_model
 from prunebench.plugins.intraslice_attention import (
     HeadPrune,
     IntraSliceHeadPCA,
+    group_spectra,
+    head_spectra,
+    o_map_back,
+    pre_delete_heads,
+    ridge_damping,
     split_dims,
 )
 
@@ -222,6 +227,127 @@ def test_least_squares_map_beats_transpose(kind: str) -> None:
 def test_unknown_parameter_value_is_rejected() -> None:
     with pytest.raises(ValueError, match="split"):
         PCA.compress_attention(layer=_layer("llama-mha"), ratio=0.3, params=_params(split="half"))
+    with pytest.raises(ValueError, match="spectra"):
+        PCA.compress_attention(layer=_layer("llama-mha"), ratio=0.3, params=_params(spectra="layer"))
+
+
+# ----- the reference's shared dim (split="shared") ---------------------------------------------
+REFERENCE = {"split": "shared", "pre_delete": True, "spectra": "head", "lsq_prior": "zero", "lsq_ridge_mean": "all"}
+
+
+@pytest.mark.parametrize("kind", ["llama-mha", "llama-gqa", "llama-bias", "phi3", "phi3-partial"])
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.45])
+def test_shared_dim_respects_the_floor_and_the_budget(kind: str, ratio: float) -> None:
+    ctx = _layer(kind)
+    dense = attention_plan_of(ctx.layer.self_attn)
+    costs = AttentionCost.of_plan(dense)
+    budget = (1 - ratio) * plan_params(dense)
+    plan = PCA.compress_attention(layer=ctx, ratio=ratio, params=_params(**REFERENCE))
+    floor = costs.qk_floor(0.75)
+    assert plan.qk_dim == plan.v_dim >= floor  # one common dim, never below the q/k floor
+    pairs = plan.rope_index.shape[1]
+    if costs.pass_dim == 0:
+        assert plan.qk_dim == 2 * pairs  # whole rotary pairs only
+    apply_attention_plan(ctx.model, ctx.index, plan)
+    real = attention_params(ctx.layer)
+    heads, kv = len(plan.head_to_kv), plan.num_kv_heads
+    pair_step = 2 * (costs.per_qk_channel(heads, kv) + costs.per_vo_channel(heads, kv))
+    assert real == plan_params(plan) and abs(real - budget) <= pair_step, (real, budget, pair_step)
+    assert torch.isfinite(ctx.outputs()).all()
+
+
+def test_shared_dim_forces_deletion_down_to_the_floor() -> None:
+    """At 45% four MHA heads would get 8.8 dims < 12: the weakest heads go until the dim
+    reaches the floor, and the kept heads spend the budget at a common dim."""
+    ctx = _layer("llama-mha")
+    plan = PCA.compress_attention(layer=ctx, ratio=0.45, params=_params(**REFERENCE))
+    assert plan.summary["forced"] and len(plan.head_to_kv) < 4
+    assert plan.qk_dim == plan.v_dim >= 12
+    # the equal split keeps the floor on q/k only: v/o goes below it at this ratio
+    equal = PCA.compress_attention(layer=_layer("llama-mha"), ratio=0.45, params=_params())
+    assert equal.qk_dim >= 12 and equal.v_dim < 12
+
+
+def test_pre_delete_heads_counts_top_channels() -> None:
+    scores = torch.zeros(4 * 16, dtype=torch.float64)
+    scores[0:16] = 10.0  # head 0: 16 strong channels
+    scores[16:32] = 9.0  # head 1: 16
+    scores[32:40] = 8.0  # head 2: 8 strong, 8 weak
+    scores[48] = 7.0  # head 3: one strong channel (fewer than floor(floor(42 / 4) / 4) = 2)
+    assert pre_delete_heads(scores, 4, 42) == [3]
+    scores[49] = 7.0  # two channels: not fewer than 2 (strict), so kept
+    assert pre_delete_heads(scores, 4, 42) == []
+    assert pre_delete_heads(scores, 4, 0) == []
+
+
+def test_pre_deletion_removes_a_head_whose_channels_are_all_weak() -> None:
+    def weak_layer():
+        ctx = _layer("llama-mha")
+        attn = ctx.layer.self_attn
+        with torch.no_grad():
+            attn.o_proj.weight[:, 2 * attn.v_dim : 3 * attn.v_dim] *= 1e-3  # every channel of head 2 is weak
+        return ctx
+
+    plan = PCA.compress_attention(layer=weak_layer(), ratio=0.3, params=_params(**REFERENCE))
+    assert plan.summary["pre_deleted"] == [2] and 2 not in plan.summary["kept_heads"]
+    off = PCA.compress_attention(layer=weak_layer(), ratio=0.3, params=_params(**{**REFERENCE, "pre_delete": False}))
+    assert off.summary["pre_deleted"] == []
+    # the equal split with pre-deletion also starts without it
+    equal = PCA.compress_attention(layer=weak_layer(), ratio=0.3, params=_params(pre_delete=True))
+    assert equal.summary["pre_deleted"] == [2] and 2 not in equal.summary["kept_heads"]
+
+
+# ----- KV-group spectra (spectra="kv-group") ------------------------------------------------------
+def test_group_spectra_equal_head_spectra_under_mha_only() -> None:
+    mha = _layer("llama-mha")
+    o_in = mha.collect({"o_in": True})["o_in"]
+    heads = head_spectra(o_in, 4)
+    torch.testing.assert_close(group_spectra(o_in, [0, 1, 2, 3]), heads, rtol=0, atol=1e-12)
+    plans = [PCA.compress_attention(layer=_layer("llama-mha"), ratio=0.3, params=_params(**{**REFERENCE, "spectra": s}))
+             for s in ("head", "kv-group")]
+    assert plans[0].summary["kept_heads"] == plans[1].summary["kept_heads"]
+    assert all(torch.equal(getattr(plans[0], n).weight, getattr(plans[1], n).weight) for n in "qkvo")
+
+    gqa = _layer("llama-gqa")
+    o_in = gqa.collect({"o_in": True})["o_in"]
+    grouped, own = group_spectra(o_in, [0, 0, 1, 1]), head_spectra(o_in, 4)
+    assert not torch.allclose(grouped, own, atol=1e-6)
+    assert bool((grouped <= own + 1e-12).all()), "a head's own eigenbasis captures the most of its energy"
+    # head 1 by hand: its energy in the top-p eigenvectors of heads 0 + 1's summed covariance
+    cov = o_in.covariance()
+    c0, c1 = cov[0:16, 0:16], cov[16:32, 16:32]
+    q = torch.linalg.eigh(c0 + c1).eigenvectors.flip(1)
+    for p in (4, 12):
+        expected = torch.trace(q[:, :p].T @ c1 @ q[:, :p]) / torch.trace(c1)
+        assert float(grouped[1, p]) == pytest.approx(float(expected), rel=1e-10)
+
+
+# ----- the map back: the reference's projector form ---------------------------------------------
+def test_zero_prior_with_the_full_ridge_mean_is_the_reference_map() -> None:
+    """lsq_prior="zero", lsq_ridge_mean="all": P Q_t of the reference (regress X on Z = X_r P
+    in the full H*v space, ridge 1% of mean diag(Z^T Z) over all dims) = U M of Eq. 6."""
+    gen = torch.Generator().manual_seed(0)
+    heads, v, p, n = 4, 8, 5, 400
+    head_to_kv, kept = [0, 0, 1, 1], [0, 2, 3]  # GQA, head 1 removed
+    xr = torch.randn(n, heads * v, generator=gen, dtype=torch.float64) @ torch.randn(heads * v, heads * v, generator=gen,
+                                                                                      dtype=torch.float64)
+    x = xr + 0.3 * torch.randn(n, heads * v, generator=gen, dtype=torch.float64)
+    xr[:, v : 2 * v] = 0  # the removed head outputs nothing in the pruned attention
+    bases = torch.linalg.qr(torch.randn(2, v, v, generator=gen, dtype=torch.float64)).Q[:, :, :p]
+    y_cols = torch.cat([xr[:, h * v : (h + 1) * v] for h in kept], 1)
+    yy, yx = y_cols.T @ y_cols, y_cols.T @ x
+    damping = ridge_damping(0.01, "all", len(kept) * p, heads * v)
+    m = o_map_back(yy, yx, bases, kept, head_to_kv, heads, damping, "zero")  # [H p, H v]
+    u = torch.zeros(heads * v, heads * p, dtype=torch.float64)
+    for h in kept:
+        u[h * v : (h + 1) * v, h * p : (h + 1) * p] = bases[head_to_kv[h]]
+    z = xr @ u @ u.T
+    a = z.T @ z
+    a = a + 0.01 * a.diagonal().mean() * torch.eye(heads * v, dtype=torch.float64)
+    reference = (u @ u.T) @ torch.linalg.solve(a, z.T @ x)
+    torch.testing.assert_close(u @ m, reference, rtol=1e-8, atol=1e-10)
+    stronger = o_map_back(yy, yx, bases, kept, head_to_kv, heads, ridge_damping(0.01, "kept", len(kept) * p, heads * v), "zero")
+    assert not torch.allclose(u @ stronger, reference, rtol=1e-6)
 
 
 # ----- head-prune ----------------------------------------------------------------------------

