@@ -55,7 +55,7 @@ first, the middle 13-16 and the last), where a low threshold would spend every s
 the first six layers in order. It is a per-model choice: check the ``gain`` recorded in
 each layer's summary.
 
-Defaults follow REFERENCES.md: rank 0.03 d, 6/32 of the layers, ridge 0.5 (the
+Defaults follow the reference code (docs/METHODS.md): rank 0.03 d, 6/32 of the layers, ridge 0.5 (the
 reference's ``percdamp`` at its default 256 x 128 calibration tokens; it scales it by
 1/data size, we keep it relative to mean(diag X^T X)).
 """

@@ -7,7 +7,7 @@ What it computes (faithful to microsoft/TransformerCompression's ``rotate_and_sl
    weightless. An RMSNorm without a scale commutes with any orthogonal rotation of the
    residual stream, which is what makes step 2 exact at slicing 0. Unlike the reference we
    do NOT subtract the embedding row mean: that is only invariant for LayerNorm models
-   and changes an RMSNorm model's logits (see REFERENCES.md); fused logits are tested.
+   and changes an RMSNorm model's logits (docs/METHODS.md); fused logits are tested.
 2. Rotate and slice, layer by layer. With H = sum_tokens x^T x of a residual-stream
    signal (uncentred, float64, damped by 0.01 * mean(diag H)), Q = eigenvectors of H in
    descending order and Q' = Q[:, :d'], for layer l with input basis Q_in (the previous
@@ -88,7 +88,7 @@ def untie_lm_head(model: PrunedForCausalLM) -> bool:
     """Give lm_head its own weight (it is rotated differently from the embeddings).
 
     Returns True when the head was tied. The extra V x d parameters are not decoder
-    parameters, so they do not enter the sparsity (DESIGN.md, tied embeddings).
+    parameters, so they do not enter the sparsity (docs/ARCHITECTURE.md, "The pruned model": tied embeddings).
     """
     tied = model.lm_head.weight is model.model.embed_tokens.weight or bool(model.config.tie_word_embeddings)
     if tied:

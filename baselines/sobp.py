@@ -32,7 +32,8 @@ For heads, the greedy order is computed over all heads and handed to
 for the whole removed set from the original weights, which equals the sequential greedy
 updates (OBS removals compose).
 
-Recipe ``sobp``: importance ``mask-grad`` + allocation ``sobp-global`` + attention and FFN
+Recipe ``sobp-exact`` (called ``sobp`` before 0.2; the old name still works with a
+deprecation message): importance ``mask-grad`` + allocation ``sobp-global`` + attention and FFN
 ``sobp``; ``--set importance=none --set allocation=uniform`` gives the local step alone
 at a uniform ratio (the ablation of the global stage). ``mask-grad`` scores a head as the sum of its o_proj channels' squared mask gradients,
 not the squared gradient of one head mask (Kwon et al.'s Fisher); ``sobp-global`` takes
@@ -67,6 +68,8 @@ from prunebench.harness.contracts import (
 )
 from prunebench.harness.errors import UsageError
 from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.obs import greedy_channels
+from prunebench.harness.scores import head_scores
 from prunebench.harness.stats import Moments, solve_psd
 from prunebench.harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
 
@@ -106,48 +109,6 @@ def obs_remove(weight: torch.Tensor, hinv: torch.Tensor, removed: torch.Tensor) 
     new_h[removed] = 0.0
     new_h[:, removed] = 0.0
     return new_w, new_h
-
-
-def greedy_channels(weight: torch.Tensor, hinv: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove ``count`` single columns greedily by ||W[:, j]||^2 / [H^-1]_jj with OBS updates.
-
-    Returns the removed columns (in removal order) and the updated W. Exactly the
-    sequential algorithm (score, remove the cheapest column, update W and H^-1, repeat),
-    but the updates are kept in factored form: after t removals
-    W_t = W_0 - A C^T and H^-1_t = H^-1_0 - U U^T with one column per removal, so a step
-    costs O(d n + t (d + n)) matrix-vector work instead of the O(n^2 + d n) of updating
-    both matrices in place (about 5x faster on SmolLM2's FFN).
-    """
-    w0, h0 = weight.to(torch.float64), hinv.to(torch.float64)
-    d, n = w0.shape
-    count = min(count, n)
-    a_cols = torch.zeros(d, count, dtype=torch.float64, device=w0.device)  # removed columns of W_t
-    c_cols = torch.zeros(n, count, dtype=torch.float64, device=w0.device)  # their update rows
-    u_cols = torch.zeros(n, count, dtype=torch.float64, device=w0.device)  # H^-1 downdates
-    norms = w0.pow(2).sum(0)
-    diag = h0.diagonal().clone()
-    alive = torch.ones(n, dtype=torch.bool, device=w0.device)
-    order: list[int] = []
-    tiny = torch.finfo(torch.float64).tiny
-    for t in range(count):
-        score = norms / diag.clamp_min(tiny)
-        score[~alive] = math.inf
-        j = int(torch.argmin(score))
-        h_row = h0[j] - u_cols[:, :t] @ u_cols[j, :t]  # row j of H^-1_t
-        a = w0[:, j] - a_cols[:, :t] @ c_cols[j, :t]  # column j of W_t
-        c = h_row / h_row[j]
-        wta = w0.T @ a - c_cols[:, :t] @ (a_cols[:, :t].T @ a)  # W_t^T a
-        norms = norms - 2 * c * wta + c.pow(2) * a.dot(a)
-        a_cols[:, t], c_cols[:, t] = a, c
-        u = h_row / h_row[j].clamp_min(tiny).sqrt()
-        u_cols[:, t] = u
-        diag = diag - u.pow(2)
-        alive[j] = False
-        order.append(j)
-    new_w = w0 - a_cols @ c_cols.T
-    removed = torch.as_tensor(order, dtype=torch.long)
-    new_w[:, removed] = 0.0
-    return removed, new_w
 
 
 def greedy_block_order(weight: torch.Tensor, hinv: torch.Tensor, groups: list[torch.Tensor], count: int) -> list[int]:
@@ -242,17 +203,6 @@ class SobpFFN(Component):
 
 
 # ----- SoBP's global allocation ---------------------------------------------------------------
-def head_scores(scores: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """One score per query head: as given, or the sum of the head's o_proj-channel scores
-    when the importance component scored channels (the contract allows both)."""
-    s = scores.detach().to(torch.float64).flatten()
-    if s.numel() == num_heads:
-        return s
-    if num_heads and s.numel() % num_heads == 0:
-        return s.reshape(num_heads, -1).sum(1)
-    raise ValueError(f"attention importance has {s.numel()} scores for {num_heads} heads")
-
-
 def _forced(scores: torch.Tensor, minimum: int) -> torch.Tensor:
     """Mask of the ``minimum`` best units of one layer (always kept)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
@@ -346,7 +296,7 @@ def prunebench_components() -> list[Component]:
 def prunebench_recipes() -> list[Recipe]:
     return [
         Recipe(
-            "sobp",
+            "sobp-exact",
             {
                 "importance": ComponentRef("mask-grad"),
                 "allocation": ComponentRef("sobp-global"),
@@ -354,5 +304,6 @@ def prunebench_recipes() -> list[Recipe]:
                 "ffn": ComponentRef("sobp"),
             },
             "SoBP-style (Wei et al. 2024): mask-gradient importance, joint head/neuron allocation, local structured OBS.",
+            aliases=("sobp",),
         )
     ]

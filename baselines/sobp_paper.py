@@ -116,7 +116,6 @@ from typing import Any
 
 import torch
 
-from prunebench.baselines.sobp import greedy_channels, head_scores
 from prunebench.harness.budget import heads_to_keep
 from prunebench.harness.components import Component
 from prunebench.harness.context import LayerContext
@@ -133,6 +132,8 @@ from prunebench.harness.contracts import (
 )
 from prunebench.harness.errors import NumericalError, UsageError
 from prunebench.harness.hookspecs import hookimpl
+from prunebench.harness.obs import greedy_channels
+from prunebench.harness.scores import head_scores
 from prunebench.harness.stats import Moments, damped, solve_psd
 from prunebench.harness.surgery import attention_plan_of, keep_channels, keep_heads, mlp_plan_of
 

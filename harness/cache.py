@@ -2,7 +2,7 @@
 
 Why it exists: on a 2-core CPU a dense evaluation or a pass of calibration statistics
 costs minutes, and a grid of runs asks for the same ones again and again. Two rules keep
-the cache honest (see DESIGN.md, "caches keyed by model name only" under what to avoid):
+the cache honest (docs/ARCHITECTURE.md, "Caches"; a cache keyed by a model name alone goes stale):
 
 * a key is the hash of *every* input that affects the result (`stable_key`), so a
   changed model fingerprint, sequence length or seed is a miss, never a stale hit;
@@ -13,7 +13,7 @@ the cache honest (see DESIGN.md, "caches keyed by model name only" under what to
 Layout::
 
     <cache_root()>/                     PRUNEBENCH_CACHE, default ~/.cache/prunebench
-        models/                         converted source models (see prunebench.harness.models)
+        models/                         converted source models (see prunebench.harness.gguf)
         <kind>/<key>.pt                 torch_cache_put(kind, key, obj)
 """
 

@@ -148,3 +148,10 @@ def weight_bytes(model: nn.Module) -> int:
             if buf is not None and buf_name not in skip:
                 add(f"{mod_name}.{buf_name}" if mod_name else buf_name, buf)
     return total
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,7 +1,7 @@
 """How busy the machine was while something was timed, apart from the timing process.
 
 A timing ratio means something only on a machine that was otherwise idle during the
-measurement (DESIGN: "time things only on an idle machine, and say the load otherwise").
+measurement (docs/PROTOCOL.md, "Metrics": a timing taken under load is flagged, not claimed).
 The load average cannot tell the timed process from the rest, so this reads the CPU
 time every process used (``/proc/stat``) and this process used (``/proc/self/stat``)
 around the measurement: the difference, over the wall time and the cores, is the share

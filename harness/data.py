@@ -1,7 +1,7 @@
 """Text corpora for calibration and perplexity, and the token windows cut from them.
 
 Every method in a comparison must see the same calibration samples and the same
-evaluation text (see "The protocol" in DESIGN.md), so this module is the single place
+evaluation text (docs/PROTOCOL.md, "Data"), so this module is the single place
 where text is chosen, split and cut into windows, and it does so deterministically.
 
 Sources (``load_corpus(name)``):

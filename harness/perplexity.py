@@ -1,6 +1,6 @@
 """Perplexity over fixed token windows: exp(total NLL / total predicted tokens).
 
-The protocol (DESIGN.md) fixes one definition for every method: non-overlapping windows,
+The protocol (docs/PROTOCOL.md) fixes one definition for every method: non-overlapping windows,
 each predicting its tokens 2..L from the ones before it, the NLL summed over all windows
 before dividing (not a mean of per-window perplexities). A non-finite loss is an error,
 never skipped: skipping it would hide exactly the broken models a benchmark must catch.

@@ -2,7 +2,7 @@
 
 Every method in a comparison runs under the same profile, and the result records every
 size, so runs under different protocols are never compared by accident. Sizes follow
-DESIGN.md's starting table; any field can be overridden per run.
+docs/PROTOCOL.md's table; any field can be overridden per run.
 """
 
 from __future__ import annotations

@@ -67,3 +67,24 @@ def progress_bar(description: str, total: int, enabled: bool = True, stream: Tex
     with Progress(*columns, console=Console(file=stream), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def step_reporter(enabled: bool = True, stream: TextIO | None = None, every: float = LOG_EVERY_S) -> Callable[[str, int], None]:
+    """A ``(description, count)`` callback for work whose total the caller does not know
+    (``RunContext.progress``: e.g. gradient samples): a plain line at most every ``every``
+    seconds per description, on a terminal or in a log alike."""
+    if not enabled:
+        return lambda description, count: None
+    stream = stream or sys.stderr
+    start: dict[str, float] = {}
+    last: dict[str, float] = {}
+
+    def report(description: str, count: int) -> None:
+        now = time.perf_counter()
+        start.setdefault(description, now)
+        if now - last.get(description, start[description]) >= every:
+            last[description] = now
+            stream.write(f"{description}: {count} ({_clock(now - start[description])})\n")
+            stream.flush()
+
+    return report

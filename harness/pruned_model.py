@@ -1,4 +1,4 @@
-"""The one model format every method's output lives in (DESIGN.md, "The pruned model").
+"""The one model format every method's output lives in (docs/ARCHITECTURE.md, "The pruned model").
 
 A dense Llama-family or Phi-3 model is converted into this format before pruning (the
 adapters do that), so every plugin edits one canonical layer structure, and every

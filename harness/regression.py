@@ -72,8 +72,6 @@ def case_spec(model: str, method: str, sparsity: float = SPARSITY, protocol: Cas
 
 def case_inputs(spec: RunSpec, profile: Profile, host: PluginHost | None = None) -> RunInputs:
     """The model and data of a case, in the case's dtype (random tokens for a tiny model)."""
-    from prunebench.harness.adapters import to_pruned
-
     dtype = getattr(torch, spec.dtype)
     if spec.model in TINY_MODELS:
         from prunebench.harness.testing import tiny_model
@@ -97,11 +95,8 @@ def case_inputs(spec: RunSpec, profile: Profile, host: PluginHost | None = None)
                                         spec.seed, max_pos)
         windows = evaluation_windows(tokenizer, load_corpus(profile.eval_sources[0]), profile.eval_samples,
                                      profile.eval_seqlen, max_pos)
-    source = source.to(dtype)
-    return RunInputs(
-        dense=to_pruned(source, host), tokenizer=tokenizer, calibration=calibration, windows={profile.eval_sources[0]: windows},
-        model_fingerprint=fingerprint, data_fingerprints={}, cache_parts={}, source_model=source,
-    )
+    return RunInputs.from_model(source.to(dtype), calibration, {profile.eval_sources[0]: windows}, fingerprint,
+                                tokenizer=tokenizer, host=host)
 
 
 def run_case(model: str, method: str, sparsity: float = SPARSITY, protocol: CaseProtocol = CaseProtocol(),

@@ -87,11 +87,27 @@ def _with_interval(stat: CellStat | None, fallback: Measure | None) -> str:
 
 
 # ----- the comparison ------------------------------------------------------------------------
+def canonical_names(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results with renamed methods under their current names (``Recipe.aliases``), so
+    runs recorded before a rename land in the same cells as new ones."""
+    from prunebench.harness.manager import default_host
+
+    aliases = default_host().aliases
+    out = []
+    for r in results:
+        name = r["recipe"]["name"]
+        base, bracket, rest = name.partition("[")
+        if base in aliases:
+            r = {**r, "recipe": {**r["recipe"], "name": aliases[base] + bracket + rest}}
+        out.append(r)
+    return out
+
+
 class Comparison:
     """One protocol group: cells, their statistics, the pairwise verdicts and the table."""
 
     def __init__(self, results: list[dict[str, Any]]) -> None:
-        self.results = results
+        self.results = results = canonical_names(results)
         self.metrics = _metrics()
         self.cells: list[Cell] = group_cells(results)
         self.stats = {c.id: cell_stats(c, lambda r: measures_of(r, "pruned", self.metrics)) for c in self.cells}

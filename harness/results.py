@@ -100,13 +100,6 @@ class RunResult:
         return cls(**fields, sparsity=SparsityRecord(**data["sparsity"]), path=data.get("path"))
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def write_result(path: Path, result: dict[str, Any] | RunResult) -> Path:
     """Write atomically (temp file + rename): a crash never leaves a half-written result."""
     data = result.to_dict() if isinstance(result, RunResult) else result
@@ -157,7 +150,7 @@ def _upgrade_schema1(data: dict[str, Any]) -> dict[str, Any]:
     out.update(
         schema=RESULT_SCHEMA, kind="run", timings=timings, metrics=metrics, tuning=None,
         cell=cell_of(protocol, data["recipe"], spec.get("sparsity"), int(spec.get("seed", 0))),
-        sparsity={"target": data["sparsity"]["target"], "achieved": data["sparsity"]["achieved"], "set_by": "target"},
+        sparsity=SparsityRecord(data["sparsity"]["target"], data["sparsity"]["achieved"]).to_dict(),
     )
     return out
 
@@ -190,7 +183,7 @@ def _offload_bench_results(data: dict[str, Any], path: str) -> list[dict[str, An
         out.append({
             "schema": RESULT_SCHEMA, "kind": "offload", "spec": spec, "recipe": recipe,
             "cell": cell_of(protocol, {"method": run["method"]}, target, 0),
-            "sparsity": {"target": target, "achieved": (run.get("sparsity") or {}).get("achieved"), "set_by": "target"},
+            "sparsity": SparsityRecord(target, (run.get("sparsity") or {}).get("achieved")).to_dict(),
             "params": {"dense": {"decoder": (run.get("params") or {}).get("dense_decoder")},
                        "pruned": {"decoder": (run.get("params") or {}).get("pruned_decoder")}},
             "metrics": {"dense": {"ppl": {"wiki-offline": metrics.get("dense_ppl")}},
@@ -287,7 +280,11 @@ def migrate(paths: list[str | Path], dry_run: bool = False) -> list[tuple[str, s
             continue
         if not isinstance(data, dict) or "spec" not in data or data.get("schema") == RESULT_SCHEMA:
             continue
-        upgraded = upgrade(data)
+        try:
+            upgraded = upgrade(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            done.append((str(f), f"skipped: cannot be upgraded ({type(exc).__name__}: {exc})"))
+            continue
         if not dry_run:
             write_result(f, upgraded)
         done.append((str(f), f"schema {data.get('schema')} -> {RESULT_SCHEMA}"))

@@ -19,3 +19,14 @@ def weighted_energy(weight: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """energy_j * ||W[:, j]||^2 per input channel j: the output energy a channel carries
     (IntraSlice's Eq. 2 with E[x_j^2], FLAP's WIFV with the variance)."""
     return energy.to(torch.float64) * weight.detach().to(torch.float64).pow(2).sum(0)
+
+
+def head_scores(scores: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """One score per query head: as given, or the sum of the head's o_proj-channel scores
+    when the importance component scored channels (the contract allows both)."""
+    s = scores.detach().to(torch.float64).flatten()
+    if s.numel() == num_heads:
+        return s
+    if num_heads and s.numel() % num_heads == 0:
+        return s.reshape(num_heads, -1).sum(1)
+    raise ValueError(f"attention importance has {s.numel()} scores for {num_heads} heads")

@@ -16,7 +16,6 @@ cached by everything that determines them, so a grid measures the dense model on
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from typing import Any
 import torch
 
 from prunebench.harness import cache as cache_mod
+from prunebench.harness.clock import peak_rss_mb
+from prunebench.harness.component_cache import ids_digest
 from prunebench.harness.context import LayerResidency, RunContext
 from prunebench.harness.contracts import Recipe
 from prunebench.harness.errors import UsageError
@@ -34,7 +35,8 @@ from prunebench.harness.manager import PluginHost
 from prunebench.harness.metrics import Metric, MetricContext, metric_settings, select_metrics
 from prunebench.harness.params import paper_count_sparsity, param_report
 from prunebench.harness.profiles import Profile
-from prunebench.harness.results import RunResult, SparsityRecord, environment, peak_rss_mb, write_result
+from prunebench.harness.progress import step_reporter
+from prunebench.harness.results import RunResult, SparsityRecord, environment, write_result
 from prunebench.harness.runner import PruneOutcome, check_sparsity, prune
 from prunebench.harness.spec import RunSpec, cell_of, protocol_id, protocol_of, result_name
 
@@ -65,6 +67,17 @@ class RunInputs:
     save: Callable[[Any, str], Path] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     calibration_text: Any = None  # the calibration corpus, for held-out tuning (harness.tuning)
+
+    @classmethod
+    def from_model(cls, source: Any, calibration: torch.Tensor, windows: dict[str, torch.Tensor], fingerprint: str,
+                   tokenizer: Any = None, host: PluginHost | None = None) -> RunInputs:
+        """Inputs from a model in memory and token ids (tests, regression cases, benchmarks
+        on synthetic models): converted once; nothing cached across runs (no cache parts)."""
+        from prunebench.harness.adapters import to_pruned
+
+        return cls(dense=to_pruned(source, host), tokenizer=tokenizer, calibration=calibration, windows=windows,
+                   model_fingerprint=fingerprint, data_fingerprints={}, cache_parts={}, source_model=source,
+                   device=next(source.parameters()).device)
 
 
 InputsFactory = Callable[[RunSpec, Profile, PluginHost], RunInputs]
@@ -154,12 +167,15 @@ class RunSession:
             check_model_name(spec.model)
         self.metrics: list[Metric] = select_metrics(self.host.metrics, spec, self.profile, offloaded=self.kind == "offload")
         check_tune(spec.tune, self.recipe, host)
+        if spec.tune and self.kind == "offload":
+            raise UsageError("--tune prunes one copy of the model per candidate: not with layers on disk")
         self.protocol = protocol_of(spec, self.profile, metric_settings(self.metrics, spec, self.profile))
         self.protocol_id = protocol_id(self.protocol)
         self.cell = cell_of(self.protocol, self.recipe.to_dict(), spec.sparsity, spec.seed, spec.tune)
+        self.file_name = result_name(spec, self.recipe.name, self.cell)  # fixed before tuning picks a value
 
     def result_path(self, results_dir: str | Path) -> Path:
-        return Path(results_dir) / result_name(self.spec, self.recipe.name, self.cell)
+        return Path(results_dir) / self.file_name
 
     @property
     def target(self) -> float:
@@ -218,7 +234,7 @@ class RunSession:
         return RunContext(
             model=model, calibration=calibration, batch_size=self.profile.batch_size, device=inputs.device,
             seed=self.spec.seed, target=self.target, cache_parts=parts, use_cache=self.spec.use_cache,
-            residency=inputs.residency,
+            residency=inputs.residency, progress=step_reporter(self.show_progress),
         )
 
     def prune(self, inputs: RunInputs) -> tuple[Any, PruneOutcome, dict[str, Any] | None]:
@@ -311,11 +327,6 @@ class RunSession:
             "set_by": sparsity.set_by, "protocol": self.protocol, "protocol_id": self.protocol_id, "cell": self.cell,
             "seed": self.spec.seed, "source_model": self.spec.model,
         }
-
-
-def ids_digest(ids: torch.Tensor) -> str:
-    """sha256 of token ids (cheap: a few hundred KB)."""
-    return hashlib.sha256(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _shape_copy(model: Any) -> Any:

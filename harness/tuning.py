@@ -41,7 +41,7 @@ def check_tune(tune: dict[str, list[Any]], recipe: Recipe, host: PluginHost) -> 
     for key, values in (tune or {}).items():
         kind, _, param = key.partition(".")
         if kind not in COMPONENT_KINDS or not param:
-            raise UsageError(f"--tune expects KIND.PARAM=V1,V2,..., got {key!r}")
+            raise UsageError(f"--tune expects KIND.PARAM=V1,V2,... with KIND one of {', '.join(COMPONENT_KINDS)}, got {key!r}")
         component = host.component(kind, recipe.components[kind].name)
         if param not in component.defaults:
             raise UsageError(f"--tune: {kind} component {component.name!r} has no parameter {param!r}; "

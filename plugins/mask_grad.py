@@ -92,8 +92,6 @@ entries computed before the options existed stay valid.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,14 +102,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from prunebench.harness.cache import stable_key, torch_cache_get, torch_cache_put
+from prunebench.harness.clock import peak_rss_mb
+from prunebench.harness.component_cache import cached, run_cache_key
 from prunebench.harness.components import Component
 from prunebench.harness.context import RunContext, position_ids
 from prunebench.harness.contracts import Importance
 from prunebench.harness.errors import UsageError
 from prunebench.harness.hookspecs import hookimpl
 from prunebench.harness.pruned_model import PrunedForCausalLM
-from prunebench.harness.results import peak_rss_mb
+from prunebench.plugins.block_pca import BlockMoments, group_grams, pca_bases, rotate_masked, scores_in_bases
 
 CACHE_KIND = "mask-grad"
 CACHE_VERSION = 1
@@ -164,122 +163,6 @@ class ChannelImportance(Importance):
     """``Importance`` plus channel/component-level attention scores for the allocator."""
 
     attention_channels: list[torch.Tensor] = field(default_factory=list)
-
-
-# ----- block second moments ---------------------------------------------------------------
-class BlockMoments:
-    """Sum over samples of z_k^T z_k for consecutive blocks z_k of a vector (float64).
-
-    The width splits into ``width // block`` full blocks and one shorter remainder block;
-    products are formed in float32 per update and added to float64 accumulators.
-    """
-
-    def __init__(self, width: int, block: int, device: torch.device | str = "cpu") -> None:
-        self.width = int(width)
-        self.block = max(1, min(int(block), self.width)) if self.width else 1
-        self.n_full = self.width // self.block
-        self.rest = self.width - self.n_full * self.block
-        self.full = torch.zeros(self.n_full, self.block, self.block, dtype=torch.float64, device=device)
-        self.tail = torch.zeros(self.rest, self.rest, dtype=torch.float64, device=device)
-
-    def update(self, z: torch.Tensor) -> None:
-        z = z.detach().reshape(-1, self.width)
-        z = z if z.dtype == torch.float64 else z.to(torch.float32)
-        cut = self.n_full * self.block
-        if self.n_full:
-            blocks = z[:, :cut].reshape(-1, self.n_full, self.block).transpose(0, 1)  # [k, n, b]
-            self.full += (blocks.transpose(1, 2) @ blocks).to(torch.float64)
-        if self.rest:
-            tail = z[:, cut:]
-            self.tail += (tail.T @ tail).to(torch.float64)
-
-    def matrices(self) -> list[torch.Tensor]:
-        """The blocks as a list of batched [k, b, b] tensors (full blocks, then the remainder)."""
-        out = [self.full] if self.n_full else []
-        return out + ([self.tail[None]] if self.rest else [])
-
-
-def pca_bases(grams: torch.Tensor, damping: float) -> torch.Tensor:
-    """Eigenvectors (columns, eigenvalues descending) of each damped block [k, b, b], float64.
-
-    Damping (``damping`` x the block's mean diagonal) keeps dead or rank-deficient blocks
-    well posed. If eigh still fails to converge, the damping grows tenfold (three times);
-    after that the block keeps the channel basis (identity), i.e. plain mask-grad scores.
-    """
-    g = grams.to(torch.float64)
-    g = 0.5 * (g + g.transpose(1, 2))
-    diag_mean = g.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
-    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
-    lam = damping
-    with _one_thread(g.device):
-        for _ in range(4):
-            try:
-                _, vecs = torch.linalg.eigh(g + lam * diag_mean[:, None, None] * eye)
-                return vecs.flip(-1)
-            except RuntimeError:  # torch.linalg.LinAlgError: no convergence
-                lam = max(lam * 10, 1e-6)
-    return eye.expand_as(g).clone()
-
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Run small CPU decompositions on one thread.
-
-    The blocks are at most a few hundred wide, so threads buy nothing; and on a loaded
-    machine MKL's threaded float64 eigh spin-waits (measured here: 33 s instead of 0.1 s
-    for 12 blocks of 128 with two threads under a load of 12, unless OMP_WAIT_POLICY=PASSIVE).
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def rotated_scores(grad_moments: BlockMoments, act_moments: BlockMoments, damping: float) -> torch.Tensor:
-    """diag(Q_s^T G Q_s) per block, concatenated: Eq. 11's sum_b ((g_b Q_s)_j)^2."""
-    return scores_in_bases(grad_moments, [pca_bases(a, damping) for a in act_moments.matrices()])
-
-
-def scores_in_bases(grad_moments: BlockMoments, bases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """diag(Q^T G Q) per block for given bases (one [k, b, b] tensor per entry of
-    ``grad_moments.matrices()``), concatenated."""
-    parts = [((g @ q) * q).sum(1).reshape(-1) for g, q in zip(grad_moments.matrices(), bases)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-
-
-def group_grams(head_grams: torch.Tensor, head_to_kv: Sequence[int]) -> torch.Tensor:
-    """Per query head, the summed Gram of its KV group's heads, [H, v, v] (float64).
-
-    Under MHA every group is one head and the result equals the input exactly."""
-    index = torch.as_tensor(list(head_to_kv), dtype=torch.long, device=head_grams.device)
-    groups = int(index.max()) + 1 if index.numel() else 0
-    sums = torch.zeros(groups, *head_grams.shape[1:], dtype=head_grams.dtype, device=head_grams.device)
-    sums.index_add_(0, index, head_grams)
-    return sums[index]
-
-
-def rotate_masked(x: torch.Tensor, mask: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """x + ((x Q) * mask) Q^T per block of the last dim (``bases``: [k, b, b] tensors, in order).
-
-    At mask = 0 this is x exactly, and dL/dmask_j = sum_t (x_t Q)_j (delta_t Q)_j: the
-    gradient of a mask on component j placed after the rotation (x -> x Q diag(m) Q^T
-    at m = 1), what ``gradient="exact"`` scores.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-    parts, cut = [], 0
-    for q in bases:
-        k, b = int(q.shape[0]), int(q.shape[1])
-        q = q.to(x.dtype)
-        z = flat[:, cut : cut + k * b].reshape(-1, k, b).transpose(0, 1) @ q  # [k, n, b]
-        m = mask[cut : cut + k * b].reshape(k, 1, b)
-        parts.append(((z * m) @ q.transpose(1, 2)).transpose(0, 1).reshape(-1, k * b))
-        cut += k * b
-    return x + torch.cat(parts, 1).reshape(x.shape) if parts else x
 
 
 # ----- the masked forward and loss ------------------------------------------------------------
@@ -763,48 +646,18 @@ def streamed_mask_importance(
     return imp
 
 
-# ----- caching ---------------------------------------------------------------------------------
-def ids_digest(ids: torch.Tensor) -> str:
-    """sha256 of the calibration token ids (cheap: a few hundred KB)."""
-    return hashlib.sha256(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-
-
-def weight_fingerprint(model: nn.Module) -> str:
-    """A cheap digest of the current weights: per tensor its name, shape, and float64 sum
-    and absolute sum rounded to 10 significant digits.
-
-    ``run.cache_parts`` names the *source* model; a transform that ran before the
-    importance stage (or any other edit) changes the weights, and must not hit the
-    dense model's entry. Rounding keeps the digest stable across thread counts.
-    """
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            s = float(torch.sum(p, dtype=torch.float64))
-            a = float(torch.sum(p.abs(), dtype=torch.float64))
-            h.update(f"{name}:{tuple(p.shape)}:{s:.10g}:{a:.10g};".encode())
-    return h.hexdigest()
-
-
+# ----- caching (harness.component_cache) -------------------------------------------------------
 def cache_key(run: RunContext, component: str, params: dict[str, Any]) -> str | None:
-    """The cache key of this run's scores, or None when caching is off.
-
-    Off when ``run.use_cache`` is False or ``run.cache_parts`` is empty (then nothing
-    identifies the data spec and seed, and a shared entry could be stale).
-    """
-    if not run.use_cache or not run.cache_parts:
-        return None
-    result_params = {k: v for k, v in params.items() if k not in MEMORY_ONLY_PARAMS}
+    """The cache key of this run's scores (None when caching is off): every parameter that
+    changes them, with the neutral values of newer options left out, so entries computed
+    before those options existed stay valid."""
+    result_params = dict(params)
     if "grad_group" in result_params:
         result_params["grad_group"] = group_size(result_params["grad_group"])  # "batch" and 0 are one entry
     for k, neutral in NEUTRAL_PARAMS.items():
         if k in result_params and result_params[k] == neutral:
             del result_params[k]
-    return stable_key(
-        CACHE_KIND, CACHE_VERSION, component, dict(run.cache_parts), result_params,
-        {"batch_size": int(run.batch_size), "calibration": ids_digest(run.calibration),
-         "weights": weight_fingerprint(run.model)},
-    )
+    return run_cache_key(run, CACHE_KIND, CACHE_VERSION, component, result_params, ignore=MEMORY_ONLY_PARAMS)
 
 
 def _to_cache(imp: ChannelImportance) -> dict[str, Any]:
@@ -821,27 +674,21 @@ def _from_cache(obj: dict[str, Any]) -> ChannelImportance:
 def cached_importance(run: RunContext, component: str, params: dict[str, Any], pca: bool) -> ChannelImportance:
     """Scores from the cache when present, else computed (and stored)."""
     options = GradOptions.from_params(params, component)
-    key = cache_key(run, component, params)
-    if key is not None:
-        hit = torch_cache_get(CACHE_KIND, key)
-        if hit is not None:
-            imp = _from_cache(hit)
-            imp.meta["cache"] = "hit"
-            return imp
-    if run.residency.offloaded:
-        imp = streamed_mask_importance(
-            run, pca=pca, ffn_block=int(params.get("ffn_block", 0)), damping=float(params.get("damping", 0.01)),
-            loss_chunk=int(params["loss_chunk"]), progress=run.progress, options=options,
-        )
-    else:
-        imp = mask_importance(
+
+    def compute() -> ChannelImportance:
+        if run.residency.offloaded:
+            return streamed_mask_importance(
+                run, pca=pca, ffn_block=int(params.get("ffn_block", 0)), damping=float(params.get("damping", 0.01)),
+                loss_chunk=int(params["loss_chunk"]), progress=run.progress, options=options,
+            )
+        return mask_importance(
             run.model, run.batches, pca=pca, ffn_block=int(params.get("ffn_block", 0)),
             damping=float(params.get("damping", 0.01)), use_checkpoint=bool(params["checkpoint"]),
             loss_chunk=int(params["loss_chunk"]), progress=run.progress, options=options,
         )
-    imp.meta["cache"] = "off" if key is None else "miss"
-    if key is not None:
-        torch_cache_put(CACHE_KIND, key, _to_cache(imp))
+
+    imp, status = cached(CACHE_KIND, cache_key(run, component, params), compute, _to_cache, _from_cache)
+    imp.meta["cache"] = status
     return imp
 
 

@@ -19,30 +19,22 @@ GIB = 1024**3
 
 
 def measure(method: str, samples: int, seqlen: int, stage: str = "prune") -> dict:
-    import torch
+    """One method's peak RSS through the one run path (``RunSession``; no evaluation)."""
+    from prunebench.harness.session import RunSession, load_inputs
+    from prunebench.harness.spec import RunSpec
 
-    from prunebench.harness.adapters import to_pruned
-    from prunebench.harness.context import RunContext
-    from prunebench.harness.data import calibration_batch, load_corpus
-    from prunebench.harness.manager import PluginHost
-    from prunebench.harness.models import load_source_model
-    from prunebench.harness.runner import prune
-
-    host = PluginHost()
-    recipe = host.resolve(method)
-    source = load_source_model("smollm2-135m")
-    model = to_pruned(source.model)
-    weight_bytes = sum(p.numel() * p.element_size() for p in source.model.parameters())
-    del source.model
-    ids = calibration_batch(source.tokenizer, load_corpus("wiki-offline"), samples, seqlen, 0, 8192)
+    spec = RunSpec(method=method, sparsity=0.3, profile="offline", metrics=[], zeroshot=False, timing=False,
+                   profile_overrides={"calibration_samples": samples, "calibration_seqlen": seqlen}, use_cache=False)
+    session = RunSession(spec, show_progress=False)
+    inputs = load_inputs(spec, session.profile, session.host)
+    weight_bytes = sum(p.numel() * p.element_size() for p in inputs.source_model.parameters())
+    inputs.source_model = None  # only the harness-format copy is pruned
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    run = RunContext(model=model, calibration=ids, batch_size=4, device=torch.device("cpu"), seed=0, target=0.3,
-                     cache_parts={"model": "bench", "samples": samples, "seqlen": seqlen}, use_cache=False)
     if stage == "importance":
-        host.call("importance", recipe.components["importance"], run=run)
+        session.host.call("importance", session.recipe.components["importance"], run=session.run_context(inputs, inputs.dense))
     else:
-        prune(run, recipe, host, show_progress=False)
+        session.prune(inputs)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"method": method, "peak_rss_gib": peak / GIB, "rss_before_prune_gib": base / GIB,
             "model_fp32_gib": weight_bytes / GIB, "prune_s": time.perf_counter() - start,

@@ -132,12 +132,17 @@ def main() -> int:
             print(f"{method}: exit status {status}")
             rows.append({"method": method, "status": status})
             continue
-        result = json.loads(result_json.read_text())
+        result = json.loads(result_json.read_text())  # a schema-2 result of kind "offload" (harness/results.py)
+        ppl = {phase: (result["metrics"][phase].get("ppl") or {}).get("wiki-offline") for phase in ("dense", "pruned")}
         row = {
             "method": method, "status": 0, "wall_s": wall, "peak_rss_mb": peak, "budget_mb": budget_mb,
-            "within_budget": peak < budget_mb, "peak_rss_by_stage_mb": result["peak_rss_mb"],
-            "seconds": result["seconds"], "sparsity": result["sparsity"], "metrics": result["metrics"],
-            "params": result["params"], "output_bytes_fp32": dir_bytes(out), "layer_reads": result["layer_reads"],
+            "within_budget": peak < budget_mb, "peak_rss_by_stage_mb": result["memory"]["by_stage"],
+            "seconds": result["timings"]["stages_s"], "sparsity": result["sparsity"],
+            "metrics": {"dense_ppl": ppl["dense"], "pruned_ppl": ppl["pruned"]},
+            "params": {"dense_decoder": result["params"]["dense"]["decoder"],
+                       "pruned_decoder": result["params"]["pruned"]["decoder"]},
+            "output_bytes_fp32": dir_bytes(out), "layer_reads": result["pruning"]["offload"]["layer_reads"],
+            "cell": result["cell"],
         }
         rows.append(row)
         print(f"{method}: peak RSS {peak / 1024:.2f} GiB ({'within' if peak < budget_mb else 'OVER'} the "

@@ -76,41 +76,44 @@ SIZES = (Size(256, 4), Size(512, 4), Size(1024, 4), Size(2048, 2), Size(512, 2),
 
 
 def measure(size: Size, method: str, samples: int, seqlen: int, vocab: int = 8192) -> dict:
+    """Prune a random Llama of ``size`` through the one run path (``RunSession``, no evaluation)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prunebench.harness.adapters import to_pruned
-    from prunebench.harness.context import RunContext
-    from prunebench.harness.manager import PluginHost
-    from prunebench.harness.params import decoder_params
-    from prunebench.harness.runner import prune
+    from prunebench.harness.session import RunInputs, RunSession
+    from prunebench.harness.spec import RunSpec
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
                          num_hidden_layers=size.layers, num_attention_heads=size.heads,
                          num_key_value_heads=size.kv_heads, max_position_embeddings=max(2048, seqlen),
                          tie_word_embeddings=False)
-    source = LlamaForCausalLM(config).eval()
-    model = to_pruned(source)
-    del source
-    dense_decoder = decoder_params(model)
     ids = torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
-    host = PluginHost()
-    run = RunContext(model=model, calibration=ids, batch_size=4, device=torch.device("cpu"), seed=0, target=0.3,
-                     use_cache=False)
+    spec = RunSpec(model=f"random-llama-{size.hidden}x{size.layers}", method=method, sparsity=0.3, profile="ci",
+                   profile_overrides={"calibration_samples": samples, "calibration_seqlen": seqlen}, metrics=[],
+                   zeroshot=False, timing=False, use_cache=False)
+
+    def inputs(spec, profile, host):
+        source = LlamaForCausalLM(config).eval()
+        made = RunInputs.from_model(source, ids, {}, f"random:{asdict(size)}", host=host)
+        made.source_model = None  # only the converted copy is kept
+        return made
+
+    session = RunSession(spec, show_progress=False, inputs=inputs)
     start = time.perf_counter()
     with RssSampler() as rss:
-        outcome = prune(run, host.resolve(method), host, show_progress=False)
+        result = session.run().to_dict()
     seconds = time.perf_counter() - start
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in session.model.parameters())
+    dense_decoder = result["params"]["dense"]["decoder"]
     return {
         "size": asdict(size), "method": method, "decoder_params": dense_decoder,
         "params_per_layer": dense_decoder // size.layers, "calibration": [samples, seqlen],
-        "prune_s": seconds, "stages_s": outcome.stage_seconds,
+        "prune_s": seconds, "stages_s": result["timings"]["stages_s"],
         "peak_rss_gib": rss.peak / GIB, "rss_before_prune_gib": rss.start / GIB,
         "added_by_pruning_gib": max(rss.peak - rss.start, 0) / GIB, "pruned_model_gib": model_bytes / GIB,
         "process_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
-        "achieved": 1 - decoder_params(run.model) / dense_decoder,
+        "achieved": result["sparsity"]["achieved"],
     }
 
 

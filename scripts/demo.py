@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from prunebench.harness.api import RunSpec
+from prunebench.harness.cache import atomic_write_bytes
 from prunebench.harness.grid import run_grid
 from prunebench.harness.manager import PluginHost
 from prunebench.harness.report import markdown, print_rich
@@ -22,7 +23,7 @@ from prunebench.harness.report import markdown, print_rich
 # 2-core CPU of these machines while a 1-thread pruning job shared it (21.8 minutes in
 # all; results/demo/). The start-up estimate sums them for the cells without a result.
 SECONDS_PER_CELL: dict[str, float] = {
-    "flap": 60, "intraslice": 122, "olica": 80, "slicegpt": 68, "sobp": 94, "svd-llm": 110, "wanda-sp": 52,
+    "flap": 60, "intraslice": 122, "olica": 80, "slicegpt": 68, "sobp-exact": 94, "svd-llm": 110, "wanda-sp": 52,
 }
 DEFAULT_SECONDS_PER_CELL = 100.0  # a method added since the measurement
 SECONDS_DENSE = 60.0
@@ -58,20 +59,20 @@ def main() -> int:
     results = run_grid(specs, args.results, show_progress=not args.quiet, host=host)
     print_rich(results)
     table = markdown(results)
-    Path(args.results, "table.md").write_text(table + "\n")
+    atomic_write_bytes(Path(args.results, "table.md"), (table + "\n").encode())
     per_method: dict[str, list[float]] = {}
     for r in results:
-        per_method.setdefault(r["spec"]["method"], []).append(r["timings"]["stages_s"]["total"])
+        per_method.setdefault(r["recipe"]["name"], []).append(r["timings"]["stages_s"]["total"])
     print("seconds per cell: " + ", ".join(f"{m} {sum(t) / len(t):.0f}" for m, t in sorted(per_method.items())))
     print(f"took {(time.perf_counter() - start) / 60:.1f} minutes; markdown table: {args.results}/table.md")
     return 0
 
 
 def _result_exists(spec: RunSpec, results_dir: str, host: PluginHost) -> bool:
-    from prunebench.harness.api import protocol_id, protocol_of, result_path, validate
+    from prunebench.harness.grid import existing_cells
+    from prunebench.harness.session import RunSession
 
-    profile, recipe = validate(spec, host)
-    return result_path(results_dir, spec, recipe.name, protocol_id(protocol_of(spec, profile))).exists()
+    return RunSession(spec, host=host, show_progress=False).cell in existing_cells(results_dir)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def _in_memory(source, method: str, calibration: torch.Tensor, host) -> torch.nn
 
 
 @pytest.mark.parametrize(("kind", "method"), [("llama-gqa", "wanda-sp"), ("phi3", "intraslice"),
-                                              ("llama-mha", "sobp"), ("phi3-partial", "olica")])
+                                              ("llama-mha", "sobp-exact"), ("phi3-partial", "olica")])
 def test_offloaded_equals_in_memory(tmp_path, host, calib_ids, kind, method):
     source, directory = _source(tmp_path, kind)
     assert len(list(directory.glob("*.safetensors"))) > 1

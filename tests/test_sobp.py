@@ -11,7 +11,6 @@ import torch
 from prunebench.baselines.sobp import (
     SobpAttention,
     block_scores,
-    greedy_channels,
     obs_inverse_hessian,
     obs_prune_channels,
     obs_remove,
@@ -26,6 +25,7 @@ from prunebench.harness.contracts import Allocation, Importance, LayerShape, Mod
 from prunebench.harness.errors import UsageError
 from prunebench.harness.hookspecs import hookimpl
 from prunebench.harness.manager import PluginHost
+from prunebench.harness.obs import greedy_channels
 from prunebench.harness.params import decoder_params, param_report
 from prunebench.harness.runner import prune
 from prunebench.harness.surgery import (
@@ -203,7 +203,7 @@ def test_sobp_prunes_tiny_models(host: PluginHost, kind: str) -> None:
     model = to_pruned(tiny_model(kind))
     ids = calibration()
     run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3, use_cache=False)
-    prune(run, host.resolve("sobp"), host, show_progress=False)
+    prune(run, host.resolve("sobp-exact"), host, show_progress=False)
     assert 0.25 <= param_report(dense, model)["achieved_sparsity"] <= 0.36
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
@@ -275,7 +275,7 @@ def test_channel_scores_are_summed_into_heads() -> None:
 
 def test_allocation_needs_importance(host: PluginHost) -> None:
     with pytest.raises(UsageError):
-        host.call("allocation", host.resolve("sobp", ["allocation=sobp-global"]).components["allocation"],
+        host.call("allocation", host.resolve("sobp-exact", ["allocation=sobp-global"]).components["allocation"],
                   importance=None, target=0.3, shape=shape_of())
 
 
@@ -284,7 +284,7 @@ def test_sobp_global_end_to_end_with_synthetic_importance(host: PluginHost) -> N
     model = to_pruned(tiny_model("llama-gqa"))
     ids = calibration()
     run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3, use_cache=False)
-    recipe = host.resolve("sobp", ["importance=test-synthetic", "allocation=sobp-global"])
+    recipe = host.resolve("sobp-exact", ["importance=test-synthetic", "allocation=sobp-global"])
     outcome = prune(run, recipe, host, show_progress=False)
     assert outcome.allocation.mlp[1] > outcome.allocation.mlp[0]  # the unimportant layer is cut more
     assert 0.25 <= param_report(dense, model)["achieved_sparsity"] <= 0.4
@@ -293,12 +293,12 @@ def test_sobp_global_end_to_end_with_synthetic_importance(host: PluginHost) -> N
 
 def test_sobp_global_with_mask_grad(host: PluginHost) -> None:
     """The SoBP recipe: mask-grad importance + sobp-global + local OBS."""
-    assert host.resolve("sobp").components["importance"].name == "mask-grad"
+    assert host.resolve("sobp-exact").components["importance"].name == "mask-grad"
     dense = to_pruned(tiny_model("llama-gqa"))
     model = to_pruned(tiny_model("llama-gqa"))
     ids = calibration()
     run = RunContext(model=model, calibration=ids, batch_size=4, device=CPU, seed=0, target=0.3, use_cache=False)
-    recipe = host.resolve("sobp", ["importance=mask-grad", "allocation=sobp-global"])
+    recipe = host.resolve("sobp-exact", ["importance=mask-grad", "allocation=sobp-global"])
     outcome = prune(run, recipe, host, show_progress=False)
     assert outcome.allocation.meta["rule"] == "sobp-global"
     assert 0.25 <= param_report(dense, model)["achieved_sparsity"] <= 0.4
