@@ -2,8 +2,8 @@
 
 The IntraSlice paper (arXiv 2602.01975) compares against a SoBP-style baseline (SoBP:
 Wei et al., EMNLP 2024). The routine in the IntraSlice authors' code differs from the
-project's own ``sobp`` (``prunebench.baselines.sobp``, which stays the project's exact
-variant) in its allocation, its head score and its selection; this module reproduces it
+project's own ``sobp-exact`` (``prunebench.baselines.sobp``, called ``sobp`` before 0.2,
+which stays the project's exact variant) in its allocation, its head score and its selection; this module reproduces it
 so results can be compared with the paper's baseline rather than with a stronger one.
 
 What the reference computes
@@ -91,9 +91,9 @@ Departures, and why
   inverse; here solve_psd's damping fallback); ties in the ascending sorts follow a
   stable sort (the reference's are torch.sort's).
 
-How this differs from the project's ``sobp``
----------------------------------------------
-``sobp`` is the stronger, exact variant. Its allocation ``sobp-global`` is a joint
+How this differs from the project's ``sobp-exact``
+---------------------------------------------------
+``sobp-exact`` is the stronger, exact variant. Its allocation ``sobp-global`` is a joint
 knapsack that maximises the kept importance, with the best 20% of every layer's heads and
 neurons always kept (no neuron rescaling, no excess reassignment); its importance scores
 a head by the sum of its channels' squared mask gradients, one gradient sample per batch;
@@ -103,7 +103,7 @@ FFN width nearest the parameter budget. ``sobp-paper`` keeps the reference's sca
 min-pruned-importance search with caps, the squared summed head gradient over groups of
 8, the FFN's round-down to a multiple of 8, and the reference's options. With the
 defaults (``update_rows="inverse"``, ``count="params"``) its head step selects and
-reconstructs as ``sobp``'s does (the block OBS update of the removed set is the ridge
+reconstructs as ``sobp-exact``'s does (the block OBS update of the removed set is the ridge
 least squares above), apart from the dead-input fix; ``update_rows="cholesky",
 count="heads"`` is the reference as it runs.
 """
@@ -496,7 +496,7 @@ def prunebench_recipes() -> list[Recipe]:
             "The SoBP-style routine of the IntraSlice authors' code (their paper's baseline): squared summed head "
             "gradients over groups of 8, a min-pruned-importance head/neuron search with neurons scaled by "
             "250 x cost ratio and 80% per-layer caps, greedy OBS selection and a least-squares reconstruction. "
-            "sobp is the project's exact variant (knapsack of kept importance, exact block OBS).",
+            "sobp-exact is the project's exact variant (knapsack of kept importance, exact block OBS).",
             role="method",
         )
     ]

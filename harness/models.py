@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
+    "float64": torch.float64,  # reproducible choices across CPUs (the regression cases)
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }

@@ -157,6 +157,9 @@ class RunSession:
                 raise UsageError("a target sparsity is needed (--sparsity); no component parameter sets the budget")
             check_sparsity(spec.sparsity)
         self.profile = spec.resolved_profile()
+        from prunebench.harness.models import parse_dtype
+
+        parse_dtype(spec.dtype)
         if self.inputs_factory is load_inputs:
             sources = list_sources()
             for source in (self.profile.calibration_source, *self.profile.eval_sources):
