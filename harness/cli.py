@@ -1,5 +1,5 @@
 """``prunebench``: list, run, compare, ablate, attribute, report, offload, eval, speed,
-regression, results.
+regression, noise, results.
 
 Bad input exits with status 2 and one line on stderr, before anything is computed or
 written (``UsageError``); other failures exit 1 with the error.
@@ -423,6 +423,35 @@ def cmd_regression(args: argparse.Namespace) -> int:
     return 1 if failed and not args.write else 0
 
 
+def cmd_noise(args: argparse.Namespace) -> int:
+    from prunebench.harness.noise import folder_name, measure, table
+    from prunebench.harness.results import load_results
+    from prunebench.harness.spec import parse_seeds
+
+    groups: dict[str, list] = {}
+    if args.table:
+        for item in args.table:
+            label, sep, folder = item.partition("=")
+            if not sep:
+                raise UsageError(f"--table expects LABEL=FOLDER (LABEL 'seeds' for the seed runs), got {item!r}")
+            groups[label] = load_results([folder])[0]
+    else:
+        run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+        if not run_args:
+            raise UsageError("give the run's own options after --, e.g. -- --method sobp-exact --sparsity 0.3")
+        settings = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else []
+        results = Path(args.results)
+        measure(run_args, parse_seeds(args.seeds), settings, results)
+        groups["seeds"] = load_results([results / "seeds"])[0]
+        for setting in settings:
+            groups[setting] = load_results([results / folder_name(setting)])[0]
+    text = table(groups)
+    print(text)
+    if args.markdown:
+        _write_text(args.markdown, text)
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from prunebench.harness.results import migrate
 
@@ -562,6 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measure how far the cases move across thread counts and kernel paths (float64 and float32) "
                           "and record it with the expectations")
     reg.set_defaults(func=cmd_regression)
+
+    noi = sub.add_parser("noise", help="how far one cell moves with the calibration seed, the thread count and the kernel path",
+                         description="Runs `prunebench run <options after -->` for every seed and, at the first seed, under "
+                                     "every setting (a child process each, its own cache), then tabulates the spreads.")
+    noi.add_argument("--seeds", default="0,1,2", help="calibration seeds (default 0,1,2)")
+    noi.add_argument("--settings", default="1 thread,2 threads,scalar kernels",
+                     help="comma-separated: 1 thread, 2 threads, scalar kernels, avx2 kernels")
+    noi.add_argument("--results", default=DEFAULT_RESULTS + "/noise", help="folder for the runs (one subfolder per setting)")
+    noi.add_argument("--table", action="append", metavar="LABEL=FOLDER",
+                     help="only tabulate existing runs (LABEL 'seeds' for the seed runs; repeatable)")
+    noi.add_argument("--markdown", help="also write the table here")
+    noi.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: the options of prunebench run")
+    noi.set_defaults(func=cmd_noise)
 
     res = sub.add_parser("results", help="maintain result folders")
     res_sub = res.add_subparsers(dest="action", required=True)
