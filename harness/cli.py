@@ -8,6 +8,7 @@ written (``UsageError``); other failures exit 1 with the error.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -416,8 +417,14 @@ def cmd_regression(args: argparse.Namespace) -> int:
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
     models = [m for m in args.models.split(",") if m] if args.models else None
     if args.noise:
-        report = measure_noise(methods or case_methods(PluginHost()), models or list(case_models()))
-        write_noise(report)
+        settings = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else None
+        dtypes = tuple(d for d in args.dtypes.split(",") if d)
+        report = measure_noise(methods or case_methods(PluginHost()), models or list(case_models()), settings, dtypes)
+        noise = write_noise(report, "prunebench " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        for dtype in dtypes:
+            worst = noise.get(dtype, {})
+            if worst.get("worst_case"):
+                print(f"{dtype}: largest relative spread {worst['max_relative_spread']:.2e} ({worst['worst_case']})")
         return 0
     failed = run_cases(methods=methods, models=models, write=args.write, out=print)
     return 1 if failed and not args.write else 0
@@ -589,7 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--models", help="comma-separated case models (default: all)")
     reg.add_argument("--noise", action="store_true",
                      help="measure how far the cases move across thread counts and kernel paths (float64 and float32) "
-                          "and record it with the expectations")
+                          "and record it with the expectations (merged with earlier measurements)")
+    reg.add_argument("--settings", help="with --noise: comma-separated settings (default: all): default (all "
+                                        "cores, best kernels), 1-thread, other-kernels-1-thread (scalar ATen, MKL SSE4.2)")
+    reg.add_argument("--dtypes", default="float64,float32", help="with --noise: comma-separated dtypes")
     reg.set_defaults(func=cmd_regression)
 
     noi = sub.add_parser("noise", help="how far one cell moves with the calibration seed, the thread count and the kernel path",

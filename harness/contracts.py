@@ -165,6 +165,10 @@ class Recipe:
     role: str = "method"  # "method" (compared head to head) or "ablation" (a row of an ablation table)
     ablation_rows: tuple[tuple[str, str], ...] = ()
     aliases: tuple[str, ...] = ()  # former names, accepted with a deprecation message for one release
+    formerly: tuple[str, ...] = ()
+    """Names this recipe's results were recorded under before a rename that gave the name to
+    another recipe: a recorded result under such a name whose components match this recipe's
+    is reported as this recipe (a result records its components, so the match is by content)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {

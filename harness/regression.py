@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from prunebench.harness.errors import UsageError
 from prunebench.harness.manager import PluginHost
 from prunebench.harness.profiles import Profile
 from prunebench.harness.session import RunInputs, RunSession
@@ -173,8 +174,8 @@ def run_cases(methods: list[str] | None = None, models: list[str] | None = None,
 
 NOISE_ENVS: dict[str, dict[str, str]] = {
     "default": {},
-    "1 thread": {"OMP_NUM_THREADS": "1"},
-    "other kernel path, 1 thread": {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "1-thread": {"OMP_NUM_THREADS": "1"},
+    "other-kernels-1-thread": {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
 }
 """Settings the same cases run under to measure how much float rounding moves them: the
 machine's default (all cores, its best kernels), one thread, and an older CPU emulated on
@@ -198,32 +199,76 @@ def _cases_in_subprocess(cases: list[tuple[str, str]], env: dict[str, str], dtyp
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_noise(methods: list[str], models: list[str], out: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run the cases under every ``NOISE_ENVS`` setting, in float64 (the protocol) and in
-    float32 (to show what float64 buys), and report the largest relative spread of each."""
+COMMITTED = "committed"
+"""The value label of the committed expectation (float64, written by ``regression --write``)."""
+
+
+def measure_noise(methods: list[str], models: list[str], settings: list[str] | None = None,
+                  dtypes: tuple[str, ...] = ("float64", "float32"), out: Callable[[str], Any] = print,
+                  expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the cases under the chosen ``NOISE_ENVS`` settings and dtypes (one subprocess per
+    setting: thread count and kernel path are fixed at import) and return every value.
+
+    A float64 value is also set against the committed expectation of its case, measured by
+    ``regression --write`` under the machine's default: then one extra setting (e.g. the
+    other kernel path alone, the costly SmolLM2 cases) already measures a spread. float32
+    runs show what float64 buys."""
+    unknown = sorted(set(settings or ()) - set(NOISE_ENVS))
+    if unknown:
+        raise UsageError(f"unknown noise setting(s) {unknown}; choose from {sorted(NOISE_ENVS)}")
+    chosen = list(settings or NOISE_ENVS)
+    committed = (expected if expected is not None else load_expected()).get("cases", {})
     cases = [(m, meth) for m in models for meth in methods]
-    report: dict[str, Any] = {"settings": NOISE_ENVS, "cases": [f"{m}/{meth}" for m, meth in cases]}
-    for dtype in ("float64", "float32"):
-        runs = {}
-        for name, env in NOISE_ENVS.items():
+    values: dict[str, dict[str, dict[str, float]]] = {}
+    for dtype in dtypes:
+        per_case = values.setdefault(dtype, {})
+        for name in chosen:
             start = time.perf_counter()
-            runs[name] = _cases_in_subprocess(cases, env, dtype)
-            out(f"{dtype} {name}: {time.perf_counter() - start:.0f} s")
-        spread = {}
-        for item in report["cases"]:
-            values = [runs[name][item]["ppl"] for name in NOISE_ENVS]
-            spread[item] = {"values": dict(zip(NOISE_ENVS, values)), "relative_spread": max(values) / min(values) - 1.0}
-        worst = max(spread.values(), key=lambda v: v["relative_spread"])
-        report[dtype] = {"per_case": spread, "max_relative_spread": worst["relative_spread"]}
-        out(f"{dtype}: largest relative spread {worst['relative_spread']:.2e}")
-    report["max_relative_spread"] = report["float64"]["max_relative_spread"]
-    return report
+            runs = _cases_in_subprocess(cases, NOISE_ENVS[name], dtype)
+            out(f"{dtype} {name}: {len(cases)} case(s) in {time.perf_counter() - start:.0f} s")
+            for item, measured in runs.items():
+                per_case.setdefault(item, {})[name] = measured["ppl"]
+        if dtype == CaseProtocol().dtype:
+            for item in per_case:
+                if case_key(*item.split("/")) in committed:
+                    per_case[item][COMMITTED] = committed[case_key(*item.split("/"))]["ppl"]
+    return summarise_noise({"settings": {n: NOISE_ENVS[n] for n in chosen}, "values": values})
 
 
-def write_noise(report: dict[str, Any], path: Path = EXPECTED_PATH) -> None:
-    """Record a noise measurement next to the expectations it justifies."""
+def summarise_noise(report: dict[str, Any]) -> dict[str, Any]:
+    """Add each case's relative spread (max / min - 1 over its values) and each dtype's
+    largest; ``max_relative_spread`` is float64's (the protocol's)."""
+    out = {"settings": report["settings"], "values": report["values"]}
+    for dtype, per_case in report["values"].items():
+        spreads = {item: max(v.values()) / min(v.values()) - 1.0 for item, v in per_case.items() if len(v) > 1}
+        worst = max(spreads, key=spreads.get) if spreads else None
+        out[dtype] = {"relative_spread": spreads, "max_relative_spread": spreads[worst] if worst else None,
+                      "worst_case": worst}
+    out["max_relative_spread"] = out.get(CaseProtocol().dtype, {}).get("max_relative_spread")
+    return out
+
+
+def merge_noise(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Fold a new measurement into the recorded one: values per (dtype, case, setting),
+    the newest winning, so settings measured on different days add up."""
+    if not old or "values" not in old:
+        return new
+    values = {dtype: {item: dict(v) for item, v in cases.items()} for dtype, cases in old["values"].items()}
+    for dtype, cases in new["values"].items():
+        for item, v in cases.items():
+            values.setdefault(dtype, {}).setdefault(item, {}).update(v)
+    return summarise_noise({"settings": {**old.get("settings", {}), **new["settings"]}, "values": values})
+
+
+def write_noise(report: dict[str, Any], command: str, path: Path = EXPECTED_PATH) -> dict[str, Any]:
+    """Record a noise measurement next to the expectations it justifies (merged with any
+    earlier one); returns what was written."""
     from prunebench.harness.cache import atomic_write_json
 
     data = load_expected(path) if path.exists() else {}
-    data["noise"] = {**report, "command": "prunebench regression --noise", "machine": platform.processor() or platform.machine()}
+    merged = merge_noise(data.get("noise"), report)
+    commands = [c for c in data.get("noise", {}).get("commands", []) if c != command] + [command]
+    data["noise"] = {**merged, "commands": commands, "machine": platform.processor() or platform.machine(),
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     atomic_write_json(path, data)
+    return data["noise"]

@@ -88,19 +88,44 @@ def _with_interval(stat: CellStat | None, fallback: Measure | None) -> str:
 
 # ----- the comparison ------------------------------------------------------------------------
 def canonical_names(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The results with renamed methods under their current names (``Recipe.aliases``), so
-    runs recorded before a rename land in the same cells as new ones."""
+    """The results with renamed methods under their current names, so runs recorded before a
+    rename land in the same cells as new ones: ``Recipe.aliases`` by name, ``Recipe.formerly``
+    by name and recorded components (a name that now belongs to another recipe)."""
     from prunebench.harness.manager import default_host
 
-    aliases = default_host().aliases
+    host = default_host()
+    former: dict[str, list[tuple[str, dict[str, str]]]] = {}
+    for recipe in host.recipes.values():
+        for old in recipe.formerly:
+            former.setdefault(old, []).append((recipe.name, {k: c.name for k, c in recipe.components.items()}))
     out = []
     for r in results:
         name = r["recipe"]["name"]
         base, bracket, rest = name.partition("[")
-        if base in aliases:
-            r = {**r, "recipe": {**r["recipe"], "name": aliases[base] + bracket + rest}}
+        if base in former:
+            new = _former_recipe(former[base], r["recipe"].get("components", {}), rest)
+            if new:
+                r = {**r, "recipe": {**r["recipe"], "name": new + bracket + rest}}
+        elif base in host.aliases:
+            r = {**r, "recipe": {**r["recipe"], "name": host.aliases[base] + bracket + rest}}
         out.append(r)
     return out
+
+
+def _former_recipe(candidates: list[tuple[str, dict[str, str]]], recorded: dict[str, Any], overrides: str) -> str | None:
+    """The recipe whose components the recorded ones are, apart from the kinds a ``--set``
+    override (``[attention=keep,ffn.damping=0.1]``) changed. A result that recorded no
+    components comes from a benchmark file older than any rename (schema 2 always records
+    them): it is the former recipe's."""
+    if not recorded:
+        return candidates[0][0]
+    changed = {item.split("=")[0].split(".")[0] for item in overrides.rstrip("]").split(",") if item}
+    names = {kind: c.get("name") for kind, c in recorded.items()}
+    for recipe, components in candidates:
+        kinds = (set(components) & set(names)) - changed
+        if kinds and all(components[k] == names[k] for k in kinds):
+            return recipe
+    return None
 
 
 class Comparison:

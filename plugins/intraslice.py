@@ -67,6 +67,8 @@ ABLATION: tuple[tuple[str, str, dict[str, str]], ...] = (
      {"importance": "mask-grad-pca", "allocation": "global", "attention": "intraslice-head-pca", "ffn": "intraslice-iterpca"}),
 )
 """(recipe name, Table 4 row label, components by kind), in the cumulative row order."""
+FULL_PAPER_METHOD = ABLATION[-1][0]
+"""The full paper method: what ``intraslice`` computed before 0.2 (its earlier results are reported under this name)."""
 
 REFERENCE: dict[str, tuple[str, dict[str, Any]]] = {
     "importance": ("mask-grad", {"grad_group": 8, "head_score": "summed"}),
@@ -117,7 +119,8 @@ def recipes() -> list[Recipe]:
     """The recipes as data (defaults of every component are filled in by the host)."""
     rows = tuple((label, name) for name, label, _ in ABLATION)
     out = [
-        Recipe(name, {kind: ComponentRef(comp) for kind, comp in comps.items()}, _DESCRIPTIONS[name], role="ablation")
+        Recipe(name, {kind: ComponentRef(comp) for kind, comp in comps.items()}, _DESCRIPTIONS[name], role="ablation",
+               formerly=("intraslice",) if name == FULL_PAPER_METHOD else ())
         for name, _, comps in ABLATION
     ]
     out.append(Recipe("intraslice", _components(), _DESCRIPTIONS["intraslice"], ablation_rows=rows))

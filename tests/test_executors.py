@@ -54,10 +54,10 @@ def test_ray_grid_matches_in_process_and_reports_a_failing_cell(tmp_path, host):
     with pytest.raises(GridFailure) as failure:
         run_grid([*specs, bad], tmp_path / "ray", show_progress=False, host=host,
                  executor=RayExecutor(workers=2, resources=Resources(cpus=1)))
-    assert [cell for cell, _ in failure.value.failures] == ["smollm2-135m/wanda-sp@0.3"]
+    assert [cell for cell, _ in failure.value.failures] == ["smollm2-135m/wanda-sp@0.3 seed 0"]
     assert "needs at least" in failure.value.failures[0][1]
 
-    on_ray = load_results([tmp_path / "ray"])  # the two good cells were written by the driver
+    on_ray, _ = load_results([tmp_path / "ray"])  # the two good cells were written by the driver
     assert sorted(r["spec"]["method"] for r in on_ray) == ["flap", "wanda-sp"]
     for method, result in _by_method(local).items():
         _same(_by_method(on_ray)[method], result)
@@ -74,4 +74,4 @@ def test_slurm_executor_through_submitit_debug_cluster(tmp_path, host):
     slurm = run_grid(specs, tmp_path / "slurm", show_progress=False, host=host,
                      executor=SlurmExecutor(folder=tmp_path / "submitit", cluster="debug"))
     _same(slurm[0], local[0])
-    assert load_results([tmp_path / "slurm"])[0]["path"] == slurm[0]["path"]
+    assert load_results([tmp_path / "slurm"])[0][0]["path"] == slurm[0]["path"]

@@ -111,7 +111,7 @@ def test_directory_without_checkpoint_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_bad_dtype_lists_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     _forbid(monkeypatch, gguf, "convert_gguf")
-    with pytest.raises(UsageError, match="float32, bfloat16, float16"):
+    with pytest.raises(UsageError, match="float32, float64, bfloat16, float16"):
         load_source_model(EMBEDDED, dtype="fp32")
 
 

@@ -105,7 +105,9 @@ def test_a_degraded_method_fails_the_regression_check(model):
     host = PluginHost(plugins=[DegradedPlugin()])
     degraded = run_case(model, "wanda-sp-degraded", host=host)
     expected = EXPECTED["cases"][case_key(model, "wanda-sp")]
-    assert degraded["achieved"] == pytest.approx(expected["achieved"], abs=1e-9)  # same sizes: only the choice is worse
+    # The FFN widths are the same; the attention's may differ a little, since the heads wanda-sp keeps in later
+    # layers (and so whether a whole KV group goes) follow activations that the degraded FFN has changed.
+    assert degraded["achieved"] == pytest.approx(expected["achieved"], abs=0.005)
     problem = check(degraded["ppl"], expected["ppl"])
     assert problem is not None and "worse" in problem, (degraded, expected)
 
@@ -135,12 +137,13 @@ def _in_subprocess(cases: list[str], env: dict[str, str]) -> dict:
 
 @pytest.mark.parametrize("cases", [
     pytest.param([f"{m}/{meth}" for m in TINY_MODELS for meth in ("sobp-exact", "intraslice", "olica")], id="tiny"),
-    # On the real model two cheap methods (every method is measured by `prunebench regression --noise`):
-    pytest.param([f"{REAL_MODEL}/wanda-sp", f"{REAL_MODEL}/flap"], id="smollm2", marks=pytest.mark.real),
 ])
 def test_cases_agree_across_kernel_paths_and_thread_counts(cases):
     """The float64 cases give the committed numbers under another kernel path and one thread
-    (sobp moved 6% across such settings in float32)."""
+    (sobp moved 6% across such settings in float32). The SmolLM2 cases under that path (scalar
+    kernels: minutes each) are measured by `prunebench regression --noise` and checked below
+    as recorded; the whole suite also runs under OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2
+    MKL_ENABLE_INSTRUCTIONS=AVX2 (README, Development)."""
     other = _in_subprocess(cases, OTHER_PATH)
     assert other["threads"] == 1 and other["capability"] == "DEFAULT"
     for item, measured in other["cases"].items():
@@ -148,3 +151,44 @@ def test_cases_agree_across_kernel_paths_and_thread_counts(cases):
         assert measured["ppl"] == pytest.approx(expected["ppl"], rel=TOLERANCE / 10), item
         assert measured["achieved"] == pytest.approx(expected["achieved"], abs=1e-9), item
 
+
+
+# ----- the recorded noise: spreads, and measurements that add up -----------------------------------
+def test_noise_summary_takes_the_largest_spread_of_each_dtype():
+    from prunebench.harness.regression import summarise_noise
+
+    report = summarise_noise({"settings": {}, "values": {
+        "float64": {"m/a": {"default": 100.0, "committed": 100.0}, "m/b": {"default": 50.0, "1-thread": 50.5}},
+        "float32": {"m/a": {"default": 100.0, "1-thread": 104.0}},
+    }})
+    assert report["float64"]["worst_case"] == "m/b"
+    assert report["max_relative_spread"] == pytest.approx(0.01)
+    assert report["float32"]["max_relative_spread"] == pytest.approx(0.04)
+
+
+def test_noise_measurements_merge_per_setting_and_the_newest_wins():
+    from prunebench.harness.regression import merge_noise, summarise_noise
+
+    old = summarise_noise({"settings": {"default": {}}, "values": {"float64": {"m/a": {"default": 100.0, "committed": 100.0}}}})
+    new = summarise_noise({"settings": {"1-thread": {"OMP_NUM_THREADS": "1"}},
+                           "values": {"float64": {"m/a": {"1-thread": 101.0}, "m/b": {"1-thread": 7.0, "committed": 7.0}}}})
+    merged = merge_noise(old, new)
+    assert merged["values"]["float64"]["m/a"] == {"default": 100.0, "committed": 100.0, "1-thread": 101.0}
+    assert set(merged["settings"]) == {"default", "1-thread"}
+    assert merged["max_relative_spread"] == pytest.approx(0.01)
+    assert merge_noise(None, new) is new
+
+
+def test_an_unknown_noise_setting_names_the_valid_ones():
+    from prunebench.harness.errors import UsageError
+    from prunebench.harness.regression import measure_noise
+
+    with pytest.raises(UsageError, match="choose from .*other-kernels-1-thread"):
+        measure_noise(["wanda-sp"], ["tiny-llama-gqa"], settings=["2 threads"], expected={})
+
+
+def test_the_recorded_noise_covers_every_case_on_another_kernel_path():
+    """Every committed case was rerun on the other kernel path in float64 (the protocol)."""
+    values = EXPECTED["noise"]["values"]["float64"]
+    missing = [f"{m}/{meth}" for m, meth in CASES if "other-kernels-1-thread" not in values.get(f"{m}/{meth}", {})]
+    assert not missing, f"no noise measurement for {missing}: run `prunebench regression --noise`"

@@ -148,3 +148,28 @@ def test_sweep_table_orders_by_the_swept_field_across_protocols(tmp_path):
     with pytest.raises(KeyError, match="lambda_b"):
         sweep_rows(results, "recipe.components.allocation.params.lambda_b")
     assert sweep_plot(results, key, tmp_path / "plots" / "sweep.png").stat().st_size > 0
+
+
+def _named(name: str, components: dict[str, str]) -> dict:
+    return {"recipe": {"name": name, "components": {k: {"name": v, "params": {}} for k, v in components.items()}}}
+
+
+def test_results_recorded_under_a_reused_name_are_reported_under_their_recipe_by_content():
+    """Before 0.2, ``intraslice`` was the full paper method (now ``intraslice-paper-ablation-ipca``);
+    the name now means the authors' default run. Old results land in the old recipe's rows."""
+    from prunebench.harness.report import canonical_names
+
+    old = {"importance": "mask-grad-pca", "allocation": "global", "attention": "intraslice-head-pca",
+           "ffn": "intraslice-iterpca", "transform": "none"}
+    new = {**old, "importance": "mask-grad", "ffn": "select-ls"}
+    renamed = canonical_names([
+        _named("intraslice", old),
+        _named("intraslice", new),
+        _named("intraslice[allocation=uniform]", {**old, "allocation": "uniform"}),
+        _named("intraslice", {}),  # an offload benchmark file: no components recorded, older than the rename
+        _named("sobp", {"allocation": "sobp-global"}),  # a plain alias
+    ])
+    assert [r["recipe"]["name"] for r in renamed] == [
+        "intraslice-paper-ablation-ipca", "intraslice", "intraslice-paper-ablation-ipca[allocation=uniform]",
+        "intraslice-paper-ablation-ipca", "sobp-exact",
+    ]
