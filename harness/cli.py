@@ -152,6 +152,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         r = host.resolve(name)
         recipe = host.recipes[name]
         aliases = f" (formerly {', '.join(recipe.aliases)})" if recipe.aliases else ""
+        if recipe.formerly:
+            aliases += f" (older results named {', '.join(recipe.formerly)})"
         methods.add_row(name + aliases, recipe.role, ", ".join(f"{k}={v.name}" for k, v in r.components.items()),
                         recipe.description)
     console.print(methods)
@@ -416,6 +418,11 @@ def cmd_regression(args: argparse.Namespace) -> int:
 
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
     models = [m for m in args.models.split(",") if m] if args.models else None
+    if args.noise_table:
+        from prunebench.harness.regression import load_expected, noise_table
+
+        print(noise_table(load_expected().get("noise", {}), tuple(models) if models else None))
+        return 0
     if args.noise:
         settings = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else None
         dtypes = tuple(d for d in args.dtypes.split(",") if d)
@@ -600,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--settings", help="with --noise: comma-separated settings (default: all): default (all "
                                         "cores, best kernels), 1-thread, other-kernels-1-thread (scalar ATen, MKL SSE4.2)")
     reg.add_argument("--dtypes", default="float64,float32", help="with --noise: comma-separated dtypes")
+    reg.add_argument("--noise-table", action="store_true", help="print the recorded noise as a markdown table")
     reg.set_defaults(func=cmd_regression)
 
     noi = sub.add_parser("noise", help="how far one cell moves with the calibration seed, the thread count and the kernel path",

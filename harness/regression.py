@@ -272,3 +272,29 @@ def write_noise(report: dict[str, Any], command: str, path: Path = EXPECTED_PATH
                      "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     atomic_write_json(path, data)
     return data["noise"]
+
+
+def noise_table(noise: dict[str, Any], models: tuple[str, ...] | None = None) -> str:
+    """The recorded noise as a markdown table: one row per case, per dtype the values under
+    each setting and the relative spread (max / min - 1)."""
+    dtypes = [d for d in ("float64", "float32") if d in noise.get("values", {})]
+    recorded = noise.get("settings", {})
+    settings = [COMMITTED, *[n for n in NOISE_ENVS if n in recorded], *[n for n in recorded if n not in NOISE_ENVS]]
+    cases = sorted({item for d in dtypes for item in noise["values"][d]}
+                   if models is None else {item for d in dtypes for item in noise["values"][d] if item.split("/")[0] in models})
+    header = ["case", *[f"{d} {s}" for d in dtypes for s in settings if any(s in noise["values"][d].get(c, {}) for c in cases)],
+              *[f"{d} spread" for d in dtypes]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case in cases:
+        row = [case]
+        for d in dtypes:
+            for s_name in settings:
+                if any(s_name in noise["values"][d].get(c, {}) for c in cases):
+                    v = noise["values"][d].get(case, {}).get(s_name)
+                    row.append("-" if v is None else f"{v:.4f}")
+        for d in dtypes:
+            spread = noise.get(d, {}).get("relative_spread", {}).get(case)
+            row.append("-" if spread is None else f"{spread:.1e}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+

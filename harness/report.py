@@ -229,6 +229,7 @@ def print_rich(results: list[dict[str, Any]]) -> None:
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     # A log file or CI has no terminal width; the Table-1 layout needs ~200 columns.
     console = Console(width=None if sys.stdout.isatty() else 240)
@@ -238,7 +239,8 @@ def print_rich(results: list[dict[str, Any]]) -> None:
         for h in comparison.header():
             table.add_column(h, justify="left" if h == "method" else "right")
         for row in comparison.rows():
-            table.add_row(*[format_cell(c) for c in row])
+            # Recipe names with overrides ("intraslice[ffn=keep]") are text, not rich markup.
+            table.add_row(*[Text(format_cell(c)) for c in row])
         console.print(table)
         for line in comparison.footnotes():
             console.print(line, markup=False)

@@ -112,13 +112,14 @@ def cell_of(protocol: dict[str, Any], recipe: dict[str, Any], sparsity: float | 
 
 def slug(text: str, keep: int = 60) -> str:
     """A file-name-safe version of ``text`` (its last ``keep`` characters)."""
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)[-keep:]
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)[-keep:]
 
 
 def result_name(spec: RunSpec, recipe_name: str, cell: str) -> str:
     """``<model>__<recipe>__s<sparsity>__seed<seed>__<cell id>.json``: readable, unique by id."""
     sparsity = "set" if spec.sparsity is None else f"{float(spec.sparsity):g}"
-    return f"{slug(spec.model, 40)}__{slug(recipe_name)}__s{sparsity}__seed{spec.seed}__{cell}.json"
+    # A model path keeps its tail (the folder name), a recipe its head (the method before its overrides).
+    return f"{slug(spec.model, 40)}__{slug(recipe_name, 10_000)[:60]}__s{sparsity}__seed{spec.seed}__{cell}.json"
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -195,9 +195,17 @@ def compare(a: CellStat, b: CellStat, label_a: str, label_b: str, sparsity: floa
     return None
 
 
+NEGLIGIBLE = 1e-3
+"""A difference whose whole interval lies within +-1e-3 (0.1% perplexity in log units, 0.1
+accuracy points) is no difference: two runs that took the same pruning choices differ by
+float rounding only (~1e-7), and a bootstrap of such differences excludes zero without
+meaning anything."""
+
+
 def _word(low: float, high: float, better: str | None) -> str:
-    """The verdict of an interval of A - B: A better when the interval lies on the good side."""
-    if low <= 0.0 <= high or better is None:
+    """The verdict of an interval of A - B: A better when the interval lies on the good side
+    (and is not entirely within ``NEGLIGIBLE`` of zero)."""
+    if low <= 0.0 <= high or better is None or max(abs(low), abs(high)) < NEGLIGIBLE:
         return "no significant difference"
     a_lower = high < 0.0
     good = a_lower if better == "lower" else not a_lower

@@ -192,3 +192,16 @@ def test_the_recorded_noise_covers_every_case_on_another_kernel_path():
     values = EXPECTED["noise"]["values"]["float64"]
     missing = [f"{m}/{meth}" for m, meth in CASES if "other-kernels-1-thread" not in values.get(f"{m}/{meth}", {})]
     assert not missing, f"no noise measurement for {missing}: run `prunebench regression --noise`"
+
+
+def test_the_noise_table_has_a_column_per_measured_setting_and_a_spread_per_dtype():
+    from prunebench.harness.regression import noise_table, summarise_noise
+
+    noise = summarise_noise({"settings": {"other-kernels-1-thread": {}, "default": {}}, "values": {
+        "float64": {"m/a": {"committed": 100.0, "other-kernels-1-thread": 100.0}},
+        "float32": {"m/a": {"default": 100.0, "other-kernels-1-thread": 103.0}},
+    }})
+    lines = noise_table(noise).splitlines()
+    assert lines[0] == ("| case | float64 committed | float64 other-kernels-1-thread | float32 default | "
+                        "float32 other-kernels-1-thread | float64 spread | float32 spread |")
+    assert lines[2] == "| m/a | 100.0000 | 100.0000 | 100.0000 | 103.0000 | 0.0e+00 | 3.0e-02 |"

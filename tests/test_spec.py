@@ -156,6 +156,13 @@ def test_result_name_is_a_readable_prefix_and_the_cell_id():
         "smollm2-135m__slicegpt__sset__seed3__")
 
 
+def test_a_long_recipe_name_keeps_its_method_and_a_plus_sign():
+    spec = _spec(model="smollm2-135m", sparsity=0.3, seed=0)
+    long = "intraslice[importance=mask-grad-pca,importance.grad_group=8,importance.head_score=summed]"
+    assert result_name(spec, long, "c" * 12).startswith("smollm2-135m__intraslice_importance=mask-grad-pca_")
+    assert result_name(spec, "intraslice+", "c" * 12).startswith("smollm2-135m__intraslice+__s0.3__")
+
+
 def test_result_name_of_a_path_like_model_has_no_separators():
     name = result_name(_spec(model="/models/org/some model"), "m", "c" * 12)
     assert "/" not in name and " " not in name and name.endswith("__" + "c" * 12 + ".json")

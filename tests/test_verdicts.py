@@ -147,6 +147,17 @@ def test_identical_cells_are_no_significant_difference():
     assert v.verdict == "no significant difference" and v.difference == 0.0 and v.low == 0.0 == v.high
 
 
+def test_a_float_rounding_sized_gap_is_no_significant_difference_even_if_its_interval_excludes_zero():
+    """Two runs that took the same choices differ by rounding (~1e-7 in log-PPL): no verdict."""
+    a = _stat(_ppl_cell("a", 3.0, pattern="same"))
+    b = _stat(_ppl_cell("b", 3.0, pattern="same"))
+    b.units = [[u + 1e-7 for u in row] for row in b.units]
+    v = compare(a, b, "a", "b")
+    assert v.high < 0.0 and v.verdict == "no significant difference"
+    b.units = [[u + 0.01 for u in row] for row in b.units]  # 1%: a real, consistent gap
+    assert compare(a, b, "a", "b").verdict == "better"
+
+
 def test_a_gap_inside_the_seed_noise_is_no_significant_difference():
     a, b = _stat(_ppl_cell("a", 3.0, noise=0.5)), _stat(_ppl_cell("b", 3.02, noise=0.5))
     v = compare(a, b, "a", "b")
