@@ -218,14 +218,17 @@ def _ratio(value: float | None, low: float | None, high: float | None) -> str:
     return text
 
 
-def attribution_report(plan: AttributionPlan, results: list[dict[str, Any]], resamples: int = BOOTSTRAP) -> AttributionReport:
+def attribution_report(plan: AttributionPlan, results: list[dict[str, Any] | None], resamples: int = BOOTSTRAP) -> AttributionReport:
     """Effects of each kind and interaction from the cells' results (module docstring)."""
     k = len(plan.kinds)
     found: dict[tuple[int, ...], dict[int, dict[str, Any]]] = {}
-    # ``results`` are in the order of plan.runnable (run_grid keeps the order of its specs).
+    # ``results`` are aligned with plan.runnable (``grid.stored_results``); None: not run yet.
+    if len(results) != len(plan.runnable):
+        raise ValueError(f"{len(results)} results for {len(plan.runnable)} runnable cells: align them with plan.runnable")
     for cell, result in zip(plan.runnable, results):
-        found.setdefault(cell.levels, {})[cell.seed] = result
-    sources = sorted({s for r in results for s in (r["metrics"]["pruned"].get("ppl") or {})})
+        if result is not None:
+            found.setdefault(cell.levels, {})[cell.seed] = result
+    sources = sorted({s for r in results if r is not None for s in (r["metrics"]["pruned"].get("ppl") or {})})
     seeds = [s for s in plan.seeds if all(s in by_seed for by_seed in found.values())]
     cells_ppl = {levels: {src: show(sum(sum(_units(by_seed[s], src)) / len(_units(by_seed[s], src)) for s in seeds)
                                      / len(seeds), "exp") for src in sources}

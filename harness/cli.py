@@ -232,7 +232,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from prunebench.harness.attribute import attribution_report, attribution_specs
-    from prunebench.harness.grid import run_grid
+    from prunebench.harness.grid import run_grid, stored_results
     from prunebench.harness.manager import PluginHost
 
     host = PluginHost()
@@ -242,8 +242,12 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     sparsity = float(args.sparsity)
     plan = attribution_specs(host, methods[0], methods[1], lambda m, extra, seed: _spec(args, m, sparsity, extra, seed=seed),
                              _seeds(args))
-    results = run_grid([c.spec for c in plan.runnable], args.results, shard=args.shard, show_progress=not args.quiet,
-                       host=host, executor=_executor(args))
+    specs = [c.spec for c in plan.runnable]
+    run_grid(specs, args.results, shard=args.shard, show_progress=not args.quiet, host=host, executor=_executor(args))
+    results = stored_results(specs, args.results, host)  # every shard's cells, in plan order
+    missing = sum(r is None for r in results)
+    if missing:
+        print(f"{missing} of {len(results)} cells have no result yet (other shards): the effects below leave them out")
     report = attribution_report(plan, results)
     print(report.markdown())
     markdown_path = args.markdown or str(Path(args.results) / f"attribution-{methods[0]}-vs-{methods[1]}-s{sparsity:g}.md")

@@ -79,3 +79,17 @@ def run_grid(specs: list, results_dir: str | Path, shard: str = "0/1", show_prog
         cell = path.stem.rsplit("__", 1)[-1]
         results.append(next(fresh) if path in missing_paths else read_result(done[cell]))
     return results
+
+
+def stored_results(specs: list, results_dir: str | Path, host: PluginHost | None = None) -> list[dict[str, Any] | None]:
+    """The stored result of every spec (None where its cell has not run yet), in the specs'
+    order: what a summary over the whole grid reads after one shard has run."""
+    from prunebench.harness.results import read_result
+
+    done = existing_cells(results_dir)
+    out: list[dict[str, Any] | None] = []
+    for _, path in plan_cells(specs, results_dir, host or PluginHost()):
+        cell = path.stem.rsplit("__", 1)[-1]
+        out.append(read_result(done[cell]) if cell in done else None)
+    return out
+

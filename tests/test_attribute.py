@@ -21,7 +21,7 @@ from prunebench.harness.attribute import (
     swap_overrides,
 )
 from prunebench.harness.errors import UsageError
-from prunebench.harness.grid import run_grid
+from prunebench.harness.grid import run_grid, stored_results
 from prunebench.harness.regression import CaseProtocol, case_inputs, case_spec
 from prunebench.harness.session import RunSession
 
@@ -133,6 +133,36 @@ def test_the_grid_ran_every_runnable_cell_once(svd, flap):
     for plan, results, _ in (svd, flap):
         assert len(results) == len(plan.runnable)
         assert len({r["cell"] for r in results}) == len(results)
+
+
+def test_two_shards_give_the_unsharded_report(svd, host, tmp_path):
+    """Each shard runs every other cell; the summary reads every stored cell in plan order
+    (a shard's own results are not the plan's: labels must follow the cells)."""
+    import prunebench.harness.data as data
+    import prunebench.harness.models as models
+
+    plan, results, report = svd
+    specs = [c.spec for c in plan.runnable]
+    sources = data.list_sources()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "list_sources", lambda: [*sources, SOURCE])
+        mp.setattr(models, "check_model_name", lambda name: None)
+        first = run_grid(specs, tmp_path, shard="0/2", show_progress=False, host=host, runner=_runner)
+        half = stored_results(specs, tmp_path, host)
+        assert [r is None for r in half] == [i % 2 == 1 for i in range(len(specs))]
+        assert [r["cell"] for r in half if r is not None] == [r["cell"] for r in first]
+        partial = attribution_report(plan, half, resamples=400)
+        # Cells alternate by seed, so shard 0/2 holds seed 0 of every cell: a one-seed summary.
+        assert partial.seeds == [0] and all(e.value is not None for e in partial.effects)
+        run_grid(specs, tmp_path, shard="1/2", show_progress=False, host=host, runner=_runner)
+        whole = stored_results(specs, tmp_path, host)
+    assert [r["cell"] for r in whole] == [r["cell"] for r in results]
+    again = attribution_report(plan, whole, resamples=400)
+    assert again.cells.keys() == report.cells.keys() and again.seeds == report.seeds == [0, 1]
+    for levels in report.cells:
+        assert again.cells[levels][SOURCE] == pytest.approx(report.cells[levels][SOURCE], rel=1e-9)
+    with pytest.raises(ValueError, match="align them"):
+        attribution_report(plan, first, resamples=10)
 
 
 def test_anchored_effects_sum_to_the_gap_when_every_cell_ran(svd):
