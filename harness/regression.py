@@ -282,19 +282,13 @@ def noise_table(noise: dict[str, Any], models: tuple[str, ...] | None = None) ->
     settings = [COMMITTED, *[n for n in NOISE_ENVS if n in recorded], *[n for n in recorded if n not in NOISE_ENVS]]
     cases = sorted({item for d in dtypes for item in noise["values"][d]}
                    if models is None else {item for d in dtypes for item in noise["values"][d] if item.split("/")[0] in models})
-    header = ["case", *[f"{d} {s}" for d in dtypes for s in settings if any(s in noise["values"][d].get(c, {}) for c in cases)],
-              *[f"{d} spread" for d in dtypes]]
+    columns = [(d, name) for d in dtypes for name in settings if any(name in noise["values"][d].get(c, {}) for c in cases)]
+    header = ["case", *[f"{d} {name}" for d, name in columns], *[f"{d} spread" for d in dtypes]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in cases:
-        row = [case]
-        for d in dtypes:
-            for s_name in settings:
-                if any(s_name in noise["values"][d].get(c, {}) for c in cases):
-                    v = noise["values"][d].get(case, {}).get(s_name)
-                    row.append("-" if v is None else f"{v:.4f}")
-        for d in dtypes:
-            spread = noise.get(d, {}).get("relative_spread", {}).get(case)
-            row.append("-" if spread is None else f"{spread:.1e}")
+        values = [noise["values"][d].get(case, {}).get(name) for d, name in columns]
+        spreads = [noise.get(d, {}).get("relative_spread", {}).get(case) for d in dtypes]
+        row = [case, *["-" if v is None else f"{v:.4f}" for v in values], *["-" if x is None else f"{x:.1e}" for x in spreads]]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
